@@ -1,0 +1,64 @@
+"""The `echat` command line: the one place that knows every folder.
+
+Each command lives in a module of its folder that defines `add_arguments(parser)` and
+`run(args) -> int`. Only the invoked command's module is imported, so `echat --help` is instant
+and `echat build` never imports torch's training stack or the model package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("echat.pipelines.quickstart", "make the demo corpus and build it into shards (the README's first command)"),
+    "demo-data": ("echat.synth.demo_corpus", "synthesize a small demo corpus with espeak-ng"),
+    "build": ("echat.pipelines.build", "build EChat-style parquet shards from raw audio (Beam)"),
+    "model-info": ("echat.model.info", "build a model config on the meta device and print parameter counts"),
+    "train": ("echat.model.train", "train an OSUM-EChat model on shards (run under torchrun for DDP)"),
+    "infer": ("echat.model.infer_cli", "run a trained model on audio files or a shard folder for any task tag"),
+    "chat": ("echat.model.chat_cli", "empathetic chat with a trained model: reasoning, reply and speech tokens"),
+    "eval": ("echat.model.evaluate", "score predictions: WER/CER for ASR, accuracy for label tasks"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="echat",
+        description="echat-forge: build empathetic spoken-dialogue corpora and train OSUM-EChat models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items())
+        + "\n\nRun `echat COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND")
+    return parser
+
+
+def _version() -> str:
+    from echat import __version__
+
+    return f"echat-forge {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        top = _top_parser()
+        if not argv:
+            top.print_help()
+            return 2
+        top.parse_args(argv[:1])  # prints help/version or an error naming the bad command
+        return 2
+    command, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[command][0])
+    parser = argparse.ArgumentParser(prog=f"echat {command}", description=COMMANDS[command][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Run profiles: YAML files in configs/, validated when loaded.
+
+A profile names a backend and its parameters for every stage, the filters, the output layout and
+the Beam options. An unknown or mistyped key anywhere is an error that names it, and any value
+can be overridden with `--set dotted.key=value` (the value is read as YAML).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from . import backends
+
+
+class ProfileError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageChoice(_Strict):
+    backend: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class DecodeOptions(_Strict):
+    backend: str = "soundfile"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class FilterOptions(_Strict):
+    """Segments outside these bounds go to rejects with reason `filtered_<name>`."""
+
+    min_duration_s: float = 0.5
+    max_duration_s: float = 30.0
+    min_snr_db: float | None = None
+    min_speech_ratio: float | None = None
+    max_clipping_ratio: float | None = 0.05
+    require_transcript: bool = True
+
+
+class OutputOptions(_Strict):
+    rows_per_shard: int = 500
+    max_shard_bytes: int = 256 * 1024 * 1024
+    rejects_format: str = "jsonl"
+
+    @field_validator("rows_per_shard", "max_shard_bytes")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+
+class BeamOptions(_Strict):
+    runner: str = "DirectRunner"
+    direct_num_workers: int = 1
+    direct_running_mode: str = "in_memory"
+    # Any further Beam pipeline options, passed as --key=value (Dataflow project, region, ...).
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class Profile(_Strict):
+    name: str
+    description: str = ""
+    dataset_name: str = "echat"
+    license: str | None = None
+    # Manifest transcript, language and labels (gender, age, emotion...) are taken as given and
+    # labelled with model "manifest"; labelers fill only what the manifest leaves empty.
+    trust_manifest: bool = True
+    cache_dir: str = "~/.cache/echat-forge"
+    decode: DecodeOptions = Field(default_factory=DecodeOptions)
+    vad: StageChoice
+    asr: StageChoice
+    gender: StageChoice = Field(default_factory=lambda: StageChoice(backend=backends.NONE))
+    age: StageChoice = Field(default_factory=lambda: StageChoice(backend=backends.NONE))
+    emotion: StageChoice = Field(default_factory=lambda: StageChoice(backend=backends.NONE))
+    events: StageChoice = Field(default_factory=lambda: StageChoice(backend=backends.NONE))
+    style: StageChoice = Field(default_factory=lambda: StageChoice(backend=backends.NONE))
+    metrics: StageChoice = Field(default_factory=lambda: StageChoice(backend="acoustic"))
+    filters: FilterOptions = Field(default_factory=FilterOptions)
+    reply: StageChoice
+    tts: StageChoice
+    speech_tokens: StageChoice = Field(default_factory=lambda: StageChoice(backend=backends.NONE))
+    output: OutputOptions = Field(default_factory=OutputOptions)
+    beam: BeamOptions = Field(default_factory=BeamOptions)
+
+    # Stages in build order after decoding; each is a StageChoice field of the profile.
+    STAGE_ORDER: ClassVar[tuple[str, ...]] = ("vad", "asr", "gender", "age", "emotion", "events", "style", "metrics")
+    SYNTH_ORDER: ClassVar[tuple[str, ...]] = ("reply", "tts", "speech_tokens")
+
+    def stage_choices(self) -> list[tuple[str, StageChoice]]:
+        """(stage, choice) for every enabled stage in build order, decode first."""
+        decode = StageChoice(backend=self.decode.backend, params=self.decode.params)
+        chosen = [("decode", decode)]
+        for stage in (*self.STAGE_ORDER, *self.SYNTH_ORDER):
+            choice = getattr(self, stage)
+            if choice.backend != backends.NONE:
+                chosen.append((stage, choice))
+        return chosen
+
+
+def configs_dir() -> Path:
+    return Path(str(resources.files("echat.configs")))
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in configs_dir().glob("*.yaml"))
+
+
+def resolve(name_or_path: str) -> Path:
+    """A profile name from configs/ (`local`) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ProfileError(f"profile file not found: {path}")
+        return path
+    candidate = configs_dir() / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise ProfileError(f"unknown profile {name_or_path!r}; available: {', '.join(available_profiles())}")
+    return candidate
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ProfileError(f"--set expects dotted.key=value, got {assignment!r}")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ProfileError(f"--set {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_profile(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Profile:
+    path = resolve(name_or_path)
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: a profile is a YAML mapping")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        profile = Profile.model_validate(data)
+    except ValidationError as exc:
+        raise ProfileError(f"invalid profile {path}:\n{_describe(exc)}") from None
+    for stage, choice in profile.stage_choices():
+        try:
+            backends.check_params(stage, choice.backend, choice.params, where=stage)
+        except backends.BackendError as exc:
+            raise ProfileError(f"invalid profile {path}: {exc}") from None
+    return profile
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  unknown key {where!r}")
+        else:
+            lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
