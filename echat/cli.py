@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     parser = argparse.ArgumentParser(prog=f"echat {command}", description=COMMANDS[command][1])
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    if getattr(module, "ACCEPTS_EXTRA_ARGS", False):
+        # e.g. `echat build` passes unknown flags through as Beam pipeline options.
+        args, args.extra_args = parser.parse_known_args(rest)
+    else:
+        args = parser.parse_args(rest)
     return int(module.run(args) or 0)
 
 

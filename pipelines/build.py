@@ -1,0 +1,174 @@
+"""`echat build`: raw audio (a folder or a manifest) -> EChat-style parquet shards.
+
+Output layout under OUT:
+  data/train-NNNNN-of-MMMMM.parquet   the records (schemas/record.py), audio as FLAC
+  rejects/rejects-SSSSS-of-NNNNN.jsonl every dropped input or segment: source, stage, reason, detail
+  summary.json                         counts per stage, audio hours, speed, reconciliation
+Unrecognised flags are passed to Beam as pipeline options (e.g. --direct_num_workers 2
+--direct_running_mode multi_processing, or Dataflow's --project/--region/--temp_location).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ACCEPTS_EXTRA_ARGS = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="local", help="profile name from configs/ or a YAML path (default: local)")
+    parser.add_argument("--input", required=True, help="a folder (searched recursively) or a manifest (.jsonl/.csv)")
+    parser.add_argument("--output", required=True, help="output folder (local path or gs://...)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a profile value, e.g. --set vad.params.threshold=0.4 (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards and rejects already in OUTPUT")
+    parser.add_argument("--quiet", action="store_true", help="log warnings only")
+    parser.epilog = "Other --flags are passed to Beam as pipeline options."
+
+
+def run(args: argparse.Namespace) -> int:
+    from .profile import ProfileError, load_profile
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        profile = load_profile(args.profile, args.overrides)
+    except ProfileError as exc:
+        print(f"echat build: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = build(profile, args.input, args.output, beam_args=getattr(args, "extra_args", []), overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"echat build: {exc}", file=sys.stderr)
+        return 2
+    print_report(summary, args.output)
+    return 0 if summary["reconciliation"]["ok"] else 1
+
+
+def pipeline_options(profile, beam_args: list[str]):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    b = profile.beam
+    flags = [f"--runner={b.runner}", f"--direct_num_workers={b.direct_num_workers}", f"--direct_running_mode={b.direct_running_mode}"]
+    flags += [f"--{k}={v}" for k, v in b.extra.items()]
+    return PipelineOptions(flags + list(beam_args))  # later flags win: the command line overrides the profile
+
+
+def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), overwrite: bool = False) -> dict[str, Any]:
+    """Run the build and write OUT/summary.json; returns the summary."""
+    import apache_beam as beam
+    from apache_beam.io.filesystems import FileSystems
+
+    from .graph import build_graph, stage_specs, write_list
+    from .sources import list_sources
+    from .summary import make_summary, read_counters
+
+    started = time.time()
+    out = output.rstrip("/")
+    data_dir, rejects_dir, work_dir = (FileSystems.join(out, d) for d in ("data", "rejects", "_work"))
+    _prepare_output(out, [data_dir, rejects_dir, work_dir], overwrite)
+
+    listing = list_sources(input_path, dataset_name=profile.dataset_name, license=profile.license, trust_manifest=profile.trust_manifest)
+    records, source_rejects = _dedupe(listing.records)
+    source_rejects += [r.to_dict() for r in listing.rejects]
+    logging.getLogger("echat.build").info(
+        "%d audio sources, %d source rejects, %d non-audio files skipped", len(records), len(source_rejects), listing.skipped_files
+    )
+
+    tallies_path = FileSystems.join(work_dir, "tallies.json")
+    shards_path = FileSystems.join(work_dir, "shards.json")
+    options = pipeline_options(profile, beam_args)
+    pipeline = beam.Pipeline(options=options)
+    shards = build_graph(
+        pipeline, records, source_rejects, profile,
+        data_dir=data_dir, rejects_prefix=FileSystems.join(rejects_dir, "rejects"), tallies_path=tallies_path,
+    )
+    write_list(shards, shards_path, "Shards")
+    result = pipeline.run()
+    result.wait_until_finish()
+    wall = time.time() - started
+
+    tallies = _read_json(tallies_path)
+    shard_list = _read_json(shards_path)
+    stage_order = [s.stage for s in stage_specs(profile)]
+    context = {
+        "profile": profile.name,
+        "input": input_path,
+        "output": out,
+        "runner": profile.beam.runner,
+        "beam_args": list(beam_args),
+        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "non_audio_files_skipped": listing.skipped_files,
+        "paths": {"data": data_dir, "rejects": rejects_dir, "summary": FileSystems.join(out, "summary.json")},
+    }
+    summary, per_source = make_summary(
+        tallies=tallies, shards=shard_list, counters=read_counters(result), stage_order=stage_order,
+        wall_seconds=wall, context=context,
+    )
+    _write_text(FileSystems.join(out, "summary.json"), json.dumps(summary, indent=2, ensure_ascii=False))
+    _write_text(FileSystems.join(out, "reconciliation.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_source))
+    return summary
+
+
+def _dedupe(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The same source listed twice would write the same segments twice: keep the first."""
+    from .sources import STAGE
+
+    seen, kept, rejects = set(), [], []
+    for record in records:
+        uri = record["source_uri"]
+        if uri in seen:
+            rejects.append({"source_uri": uri, "stage": STAGE, "reason": "duplicate_source", "detail": "listed more than once; kept the first",
+                            "segment_start": None, "segment_end": None, "id": None})
+            continue
+        seen.add(uri)
+        kept.append(record)
+    return kept, rejects
+
+
+def _prepare_output(out: str, dirs: list[str], overwrite: bool) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    existing = [d for d in dirs if FileSystems.exists(d)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds a build ({', '.join(existing)}); pass --overwrite to replace it")
+    for d in existing:
+        FileSystems.delete([d])
+    for d in dirs:
+        FileSystems.mkdirs(d)
+
+
+def _read_json(path: str):
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def _write_text(path: str, text: str) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path) as handle:
+        handle.write(text.encode("utf-8"))
+
+
+def print_report(summary: dict[str, Any], output: str) -> None:
+    inputs, outputs, rejects = summary["inputs"], summary["outputs"], summary["rejects"]
+    print()
+    print(f"echat build: {inputs['sources']} sources ({inputs['audio_hours'] * 3600:.1f} s of audio) "
+          f"-> {outputs['rows']} rows in {outputs['shards']} shard(s), {rejects['total']} rejects, "
+          f"{summary['wall_seconds']:.1f} s wall ({summary['x_real_time']}x real time)")
+    for reason, n in rejects["by_stage_reason"].items():
+        print(f"  rejected {n:>4}  {reason}")
+    ok = summary["reconciliation"]["ok"]
+    print(f"  reconciliation: {'ok' if ok else 'MISMATCH'} (inputs = outputs + rejects for {summary['reconciliation']['sources_checked']} sources)")
+    paths = summary["paths"]
+    print(f"  shards:  {paths['data']}/")
+    print(f"  rejects: {paths['rejects']}/")
+    print(f"  summary: {paths['summary']}")

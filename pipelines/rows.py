@@ -1,0 +1,53 @@
+"""The last stage before the sink: a working record becomes a row of the record schema.
+
+Encodes the user's and the reply's waveforms as FLAC inside the Hugging Face audio struct, stamps
+the schema and pipeline versions, and drops working keys. A record that does not fit the schema
+(a required field missing) is rejected here with the field named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from echat import __version__
+from echat.schemas import record as rec
+from echat.schemas.stage import Reject, Stage
+
+
+class EncodeRow(Stage):
+    name = "encode"
+    reads = ("_waveform", "_reply_waveform")
+    writes = ("audio", "reply_audio", "schema_version", "pipeline_version")
+
+    def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
+        from echat.labelers.audio import encode_flac
+
+        row = dict(record)
+        waveform = row.get("_waveform")
+        if waveform is None or len(waveform) == 0:
+            yield self.reject(record, "no_audio", "segment has no waveform to encode")
+            return
+        row["audio"] = {"bytes": encode_flac(waveform, rec.SAMPLE_RATE), "path": f"{row['id']}.flac"}
+        row["sampling_rate"] = rec.SAMPLE_RATE
+        row["duration"] = float(len(waveform) / rec.SAMPLE_RATE)
+        reply = row.get("_reply_waveform")
+        if reply is not None and len(reply):
+            row["reply_audio"] = {"bytes": encode_flac(reply, rec.SAMPLE_RATE), "path": f"{row['id']}-reply.flac"}
+            row["reply_duration"] = float(len(reply) / rec.SAMPLE_RATE)
+        row["schema_version"] = rec.SCHEMA_VERSION
+        row["pipeline_version"] = __version__
+        try:
+            yield rec.to_row(row)
+        except ValueError as exc:
+            yield self.reject(record, "schema_error", str(exc))
+
+
+def row_bytes(row: dict[str, Any]) -> int:
+    """Approximate size of a row in a shard: its audio bytes dominate everything else."""
+    size = 2048
+    for name in rec.AUDIO_FIELDS:
+        audio = row.get(name)
+        if audio and audio.get("bytes"):
+            size += len(audio["bytes"])
+    return size

@@ -1,0 +1,176 @@
+"""Sources: turn `--input` (a folder or a manifest) into one starting record per audio file.
+
+A folder is searched recursively for audio files. A manifest is `.jsonl` or `.csv` with a `path`
+column (`audio` or `wav` accepted too; relative paths are relative to the manifest's folder) and
+optional `text`, `language`, `speaker`, `gender`, `age`, `emotion`, `events`, `style` columns.
+A manifest row that cannot become a record (no path, a label outside the vocabulary) becomes a
+Reject of stage "source" instead, so it is counted and never lost.
+
+Listing runs in the driver through Beam's FileSystems, so `gs://` folders and manifests work
+the same as local ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+from echat.schemas import vocab
+from echat.schemas.stage import Reject
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma", ".webm")
+MANIFEST_EXTENSIONS = (".jsonl", ".csv")
+PATH_KEYS = ("path", "audio", "wav")
+STAGE = "source"
+
+# Manifest label columns: name -> closed vocabulary. Common spellings are normalised first.
+LABEL_VOCABULARIES = {
+    "gender": vocab.GENDERS,
+    "age": vocab.AGES,
+    "emotion": vocab.EMOTIONS,
+    "style": vocab.STYLES,
+    "language": vocab.LANGUAGES,
+}
+_ALIASES = {
+    "gender": {"m": "male", "man": "male", "f": "female", "woman": "female"},
+    "emotion": {"angry": "anger", "sadness": "sad", "happiness": "happy", "fearful": "fear",
+                "surprised": "surprise", "disgusted": "disgust", "worried": "fear"},
+    "language": {"english": "en", "en-us": "en", "en-gb": "en", "eng": "en", "chinese": "zh",
+                 "mandarin": "zh", "zh-cn": "zh", "cmn": "zh"},
+    "age": {"elderly": "old", "senior": "old", "kid": "child"},
+}
+
+
+@dataclass
+class SourceListing:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    skipped_files: int = 0  # non-audio files found in a folder (manifests, text, images)
+
+
+def list_sources(input_path: str, *, dataset_name: str, license: str | None, trust_manifest: bool = True) -> SourceListing:
+    """Records for every audio file named by `input_path` (a folder or a manifest)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    lowered = input_path.lower()
+    if lowered.endswith(MANIFEST_EXTENSIONS):
+        if not FileSystems.exists(input_path):
+            raise FileNotFoundError(f"manifest not found: {input_path}")
+        return _read_manifest(input_path, dataset_name=dataset_name, license=license, trust_manifest=trust_manifest)
+    if not FileSystems.exists(input_path):
+        raise FileNotFoundError(f"input not found: {input_path}")
+    return _list_folder(input_path, dataset_name=dataset_name, license=license)
+
+
+def _list_folder(folder: str, *, dataset_name: str, license: str | None) -> SourceListing:
+    from apache_beam.io.filesystems import FileSystems
+
+    pattern = FileSystems.join(folder.rstrip("/"), "**")
+    paths = sorted(m.path for result in FileSystems.match([pattern]) for m in result.metadata_list)
+    listing = SourceListing()
+    for path in paths:
+        if path.lower().endswith(AUDIO_EXTENSIONS):
+            listing.records.append(_base_record(path, dataset_name, license))
+        else:
+            listing.skipped_files += 1
+    return listing
+
+
+def _read_manifest(manifest: str, *, dataset_name: str, license: str | None, trust_manifest: bool) -> SourceListing:
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(manifest) as handle:
+        text = io.TextIOWrapper(handle, encoding="utf-8").read()
+    base_dir = posixpath.dirname(manifest) if "://" in manifest else _local_dirname(manifest)
+    listing = SourceListing()
+    for line_no, row in _manifest_rows(manifest, text):
+        where = f"{manifest}:{line_no}"
+        if isinstance(row, str):  # a line that did not parse
+            listing.rejects.append(Reject(source_uri=where, stage=STAGE, reason="manifest_row_invalid", detail=row))
+            continue
+        given = next((row[k] for k in PATH_KEYS if row.get(k)), None)
+        if not given:
+            detail = f"row has none of the path columns {', '.join(PATH_KEYS)}: {json.dumps(row, ensure_ascii=False)[:300]}"
+            listing.rejects.append(Reject(source_uri=where, stage=STAGE, reason="manifest_row_invalid", detail=detail))
+            continue
+        uri = _resolve(str(given), base_dir)
+        record = _base_record(uri, dataset_name, license)
+        if trust_manifest:
+            problem = _apply_manifest_fields(record, row)
+            if problem:
+                listing.rejects.append(Reject(source_uri=uri, stage=STAGE, reason="invalid_label", detail=f"{where}: {problem}"))
+                continue
+        listing.records.append(record)
+    return listing
+
+
+def _manifest_rows(manifest: str, text: str):
+    if manifest.lower().endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(text))
+        for i, row in enumerate(reader, start=2):  # line 1 is the header
+            yield i, {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}
+        return
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield i, f"not JSON: {exc}"
+            continue
+        yield i, row if isinstance(row, dict) else f"not a JSON object: {line[:200]}"
+
+
+def _apply_manifest_fields(record: dict[str, Any], row: dict[str, Any]) -> str | None:
+    """Copy the manifest's transcript, speaker and labels into `record`; a problem as text."""
+    text = row.get("text") or row.get("transcript") or row.get("txt")
+    if text:
+        record.update(transcript=str(text).strip(), transcript_origin="manifest", transcript_confidence=1.0)
+    if row.get("speaker"):
+        record["speaker"] = str(row["speaker"])
+    for name, allowed in LABEL_VOCABULARIES.items():
+        value = row.get(name)
+        if value in (None, ""):
+            continue
+        normalised = _ALIASES.get(name, {}).get(str(value).strip().lower(), str(value).strip().lower())
+        if name == "style":
+            normalised = str(value).strip()
+        if normalised not in allowed:
+            return f"{name} {value!r} is not one of {', '.join(allowed)}"
+        if name == "language":
+            record.update(language=normalised, language_origin="manifest")
+        else:
+            record.update({name: normalised, f"{name}_score": 1.0, f"{name}_model": "manifest"})
+    events = row.get("events")
+    if events:
+        if isinstance(events, str):
+            events = [e.strip() for e in events.replace(";", ",").split(",") if e.strip()]
+        bad = [e for e in events if e not in vocab.EVENTS]
+        if bad:
+            return f"events {bad} not in {', '.join(vocab.EVENTS)}"
+        record.update(events=list(events), events_score=1.0, events_model="manifest")
+    return None
+
+
+def _base_record(uri: str, dataset_name: str, license: str | None) -> dict[str, Any]:
+    return {"source_uri": uri, "source_dataset": dataset_name, "license": license}
+
+
+def _local_dirname(path: str) -> str:
+    import os
+
+    return os.path.dirname(os.path.abspath(path))
+
+
+def _resolve(given: str, base_dir: str) -> str:
+    if "://" in given or given.startswith("/"):
+        return given
+    if "://" in base_dir:
+        return posixpath.join(base_dir, given)
+    import os
+
+    return os.path.normpath(os.path.join(base_dir, given))

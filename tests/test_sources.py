@@ -1,0 +1,63 @@
+"""Sources: folders and manifests become records; bad manifest rows become rejects."""
+
+import json
+
+import pytest
+
+from echat.pipelines.sources import list_sources
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"RIFF")
+    return path
+
+
+def test_folder_is_searched_recursively_for_audio(tmp_path):
+    _touch(tmp_path / "a.wav"), _touch(tmp_path / "x" / "b.FLAC"), _touch(tmp_path / "x" / "y" / "c.mp3")
+    (tmp_path / "notes.txt").write_text("hi")
+    listing = list_sources(str(tmp_path), dataset_name="d", license="cc-by-4.0")
+    uris = [r["source_uri"] for r in listing.records]
+    assert sorted(p.rsplit("/", 1)[1] for p in uris) == ["a.wav", "b.FLAC", "c.mp3"]
+    assert listing.skipped_files == 1
+    assert all(r["source_dataset"] == "d" and r["license"] == "cc-by-4.0" for r in listing.records)
+
+
+def test_jsonl_manifest_fields_and_relative_paths(tmp_path):
+    _touch(tmp_path / "audio" / "one.wav")
+    rows = [
+        {"path": "audio/one.wav", "text": "I lost my keys", "language": "English", "speaker": "s1",
+         "gender": "F", "emotion": "sad", "events": ["cough"]},
+        {"wav": "/abs/two.wav"},
+        {"audio": "three.wav", "emotion": "furious"},  # not in the vocabulary
+        {"text": "no path here"},
+    ]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    listing = list_sources(str(manifest), dataset_name="d", license=None)
+    first, second = listing.records
+    assert first["source_uri"] == str(tmp_path / "audio" / "one.wav")
+    assert first["transcript"] == "I lost my keys" and first["transcript_origin"] == "manifest"
+    assert first["language"] == "en" and first["language_origin"] == "manifest"
+    assert (first["gender"], first["gender_model"], first["gender_score"]) == ("female", "manifest", 1.0)
+    assert first["emotion"] == "sad" and first["events"] == ["cough"]
+    assert second["source_uri"] == "/abs/two.wav" and "transcript" not in second
+    reasons = sorted(r.reason for r in listing.rejects)
+    assert reasons == ["invalid_label", "manifest_row_invalid", "manifest_row_invalid"]
+    bad_label = next(r for r in listing.rejects if r.reason == "invalid_label")
+    assert "furious" in bad_label.detail and bad_label.source_uri.endswith("three.wav")
+
+
+def test_csv_manifest(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("audio,text,language\nclip.wav,hello there,en\n")
+    listing = list_sources(str(manifest), dataset_name="d", license=None)
+    assert listing.records[0]["source_uri"] == str(tmp_path / "clip.wav")
+    assert listing.records[0]["transcript"] == "hello there"
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        list_sources(str(tmp_path / "nope"), dataset_name="d", license=None)
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        list_sources(str(tmp_path / "nope.jsonl"), dataset_name="d", license=None)
