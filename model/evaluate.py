@@ -1,0 +1,438 @@
+"""`echat eval`: score a predictions file (jsonl) by task.
+
+    echat eval --predictions preds.jsonl [--report report.json]
+
+Each line of the predictions file is one JSON object with `key`, `task`, `prediction` and
+`reference` (what `echat infer --shards` writes), and optionally `language` ("en" / "zh").
+Rows are grouped by task tag and scored by what the task outputs:
+
+- transcript (every task with `<TRANSCRIBE>`): WER for English (words), CER for Chinese (one token
+  per Chinese character; a Latin word inside Chinese text counts as one token). Both sides are
+  normalised first: label tags and `<0.3>` timestamps removed, lower case, punctuation removed,
+  spaces collapsed. The language is the row's `language`, else Chinese when the reference holds a
+  Chinese character. Rates are corpus-level (total edits / total reference tokens) via `jiwer`.
+- labels (`<EMOTION>`, `<GENDER>`, `<AGE>`, `<STYLE>`, also after `<TRANSCRIBE>`): accuracy, per-class
+  counts (support, predicted, correct, recall) and a confusion table. A label is the first `<TAG>`
+  of the text that belongs to the label's vocabulary (case and `_`/space insensitive); a prediction
+  without one counts as wrong, under the predicted class `<none>`.
+- events (`<CAPTION>`): the sets of event tags are compared. Reported: micro precision, recall and
+  F1 over tags, and exact-match accuracy (the predicted set equals the reference set).
+- tag-form reasoning (`<... <THINK>` tasks whose reference has `Emotion: <sad>; ...`): accuracy of
+  each labelled field of the reasoning (age, gender, emotion, sound event, reply emotion).
+- free-form replies and speech tokens (`<S2TCHAT>`, `<TEXT2TEXT>`, `<TEXT2TOKEN>`, `<HISTORY>`)
+  have no reference metric here; they are counted as unscored.
+
+A task that is not an OSUM task tag is reported under `skipped` with the reason, never scored by
+guess. A reference label written as the unknown placeholder `<&&>` (or missing) is not scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from echat.schemas import vocab
+
+REQUIRED_KEYS = ("key", "task", "prediction", "reference")
+NONE_CLASS = "<none>"  # the predicted class of an answer that names no label of the vocabulary
+
+# Label tags -> (record field name, vocabulary).
+LABEL_VOCABS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "<EMOTION>": ("emotion", vocab.EMOTIONS),
+    "<GENDER>": ("gender", vocab.GENDERS),
+    "<AGE>": ("age", vocab.AGES),
+    "<STYLE>": ("style", vocab.STYLES),
+}
+CAPTION = "<CAPTION>"
+TRANSCRIBE = "<TRANSCRIBE>"
+THINK = "<THINK>"
+UNSCORED_TAGS = ("<S2TCHAT>", "<TEXT2TEXT>", "<TEXT2TOKEN>", "<HISTORY>")
+
+# Fields of the tag-form reasoning that carry a label (DESIGN.md: `Age: <adult>; ... Reply emotion:`).
+THINK_FIELDS: dict[str, tuple[str, ...]] = {
+    "age": vocab.AGES,
+    "gender": vocab.GENDERS,
+    "emotion": vocab.EMOTIONS,
+    "sound event": vocab.EVENTS,
+    "reply emotion": vocab.REPLY_EMOTIONS,
+}
+
+_TAG = re.compile(r"<([^<>]*)>")
+_TIMESTAMP = re.compile(r"<\s*\d+(?:\.\d+)?\s*>")
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+# A Chinese character, or a run of anything else that is not a space or a Chinese character.
+_ZH_TOKEN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\s\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+_THINK_FIELD = re.compile(r"(?i)\b(" + "|".join(re.escape(k) for k in THINK_FIELDS) + r")\s*:\s*(<[^<>]*>)")
+
+
+class PredictionsError(ValueError):
+    """The predictions file cannot be read as predictions (the message names the line)."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_predictions(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a predictions jsonl file; raises PredictionsError naming the bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PredictionsError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PredictionsError(f"{path}:{lineno}: not JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise PredictionsError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in REQUIRED_KEYS if k not in row]
+            if missing:
+                raise PredictionsError(f"{path}:{lineno}: missing key(s) {', '.join(missing)} (need {', '.join(REQUIRED_KEYS)})")
+            rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- text normalisation
+
+
+def _canonical(label: str) -> str:
+    return " ".join(label.strip().lower().replace("_", " ").split())
+
+
+def strip_tags(text: str) -> str:
+    """The text without `<...>` tags (labels, timestamps, think markers): the transcript part."""
+    return " ".join(_TAG.sub(" ", text).split())
+
+
+def language_of(reference: str, language: str | None = None) -> str:
+    """"zh" or "en": the row's own language when given, else by the script of the reference."""
+    if language:
+        return "zh" if language.lower().startswith("zh") else "en"
+    return "zh" if _CJK.search(reference) else "en"
+
+
+def normalize_transcript(text: str, language: str) -> list[str]:
+    """Scoring tokens: English words, or Chinese characters (Latin words kept whole)."""
+    import jiwer
+
+    text = _TIMESTAMP.sub(" ", text)
+    text = strip_tags(text).lower()
+    text = jiwer.RemovePunctuation()(text)
+    if language == "zh":
+        return _ZH_TOKEN.findall(text)
+    return text.split()
+
+
+# ----------------------------------------------------------------------------- parsing answers
+
+
+def tags_in(text: str) -> list[str]:
+    """Canonical contents of the `<...>` tags of `text`, in order."""
+    return [_canonical(t) for t in _TAG.findall(text or "")]
+
+
+def find_label(tags: Iterable[str], labels: tuple[str, ...], taken: set[int] | None = None) -> str | None:
+    """The first tag that is one of `labels` (returned in the vocabulary's own spelling)."""
+    by_canonical = {_canonical(v): v for v in labels}
+    for i, tag in enumerate(tags):
+        if taken is not None and i in taken:
+            continue
+        if tag in by_canonical:
+            if taken is not None:
+                taken.add(i)
+            return by_canonical[tag]
+    return None
+
+
+def label_answers(text: str, task_tags: list[str]) -> dict[str, str | None]:
+    """Label tag -> the label `text` gives for it, taking tags in order (OSUM writes them so)."""
+    tags = tags_in(text)
+    taken: set[int] = set()
+    return {tag: find_label(tags, LABEL_VOCABS[tag][1], taken) for tag in task_tags if tag in LABEL_VOCABS}
+
+
+def event_set(text: str) -> set[str]:
+    tags = tags_in(text)
+    by_canonical = {_canonical(v): v for v in vocab.EVENTS}
+    return {by_canonical[t] for t in tags if t in by_canonical}
+
+
+def think_fields(text: str) -> dict[str, str | None]:
+    """Field -> label of the tag-form reasoning (`Emotion: <sad>`); None for `<&&>` or no label."""
+    found: dict[str, str | None] = {}
+    for name, tag in _THINK_FIELD.findall(text or ""):
+        name = _canonical(name)
+        if name in found:
+            continue
+        found[name] = find_label([_canonical(tag[1:-1])], THINK_FIELDS[name])
+    return found
+
+
+# ----------------------------------------------------------------------------- scorers
+
+
+class _Accuracy:
+    """Accuracy with per-class counts and a confusion table (reference -> predicted -> n)."""
+
+    def __init__(self, classes: tuple[str, ...]):
+        self.classes = classes
+        self.confusion: dict[str, Counter] = defaultdict(Counter)
+        self.unscored = 0
+
+    def add(self, reference: str | None, predicted: str | None) -> None:
+        if reference is None:
+            self.unscored += 1
+            return
+        self.confusion[reference][predicted or NONE_CLASS] += 1
+
+    def report(self) -> dict[str, Any]:
+        total = sum(sum(c.values()) for c in self.confusion.values())
+        correct = sum(c[ref] for ref, c in self.confusion.items())
+        predicted = Counter()
+        for c in self.confusion.values():
+            predicted.update(c)
+        per_class = {}
+        for cls in [c for c in self.classes if c in self.confusion or c in predicted] + ([NONE_CLASS] if predicted[NONE_CLASS] else []):
+            support = sum(self.confusion[cls].values()) if cls in self.confusion else 0
+            hits = self.confusion[cls][cls] if cls in self.confusion else 0
+            per_class[cls] = {
+                "support": support,
+                "predicted": predicted[cls],
+                "correct": hits,
+                "recall": hits / support if support else None,
+                "precision": hits / predicted[cls] if predicted[cls] else None,
+            }
+        return {
+            "metric": "accuracy",
+            "accuracy": correct / total if total else None,
+            "scored": total,
+            "correct": correct,
+            "unscored_no_reference": self.unscored,
+            "per_class": per_class,
+            # Rows in vocabulary order, like the columns (per_class).
+            "confusion": {ref: dict(self.confusion[ref]) for ref in self.classes if ref in self.confusion},
+        }
+
+
+class _ErrorRate:
+    """Corpus-level WER (en) or CER (zh) with jiwer's alignment counts."""
+
+    def __init__(self, language: str):
+        self.language = language
+        self.references: list[str] = []
+        self.hypotheses: list[str] = []
+
+    def add(self, reference: str, prediction: str) -> None:
+        self.references.append(" ".join(normalize_transcript(reference, self.language)))
+        self.hypotheses.append(" ".join(normalize_transcript(prediction, self.language)))
+
+    def report(self) -> dict[str, Any]:
+        import jiwer
+
+        out = jiwer.process_words(self.references, self.hypotheses)
+        n_ref = out.hits + out.substitutions + out.deletions
+        name = "cer" if self.language == "zh" else "wer"
+        errors = out.substitutions + out.deletions + out.insertions
+        return {
+            "metric": name,
+            name: errors / n_ref if n_ref else (0.0 if errors == 0 else None),
+            "utterances": len(self.references),
+            "reference_tokens": n_ref,
+            "substitutions": out.substitutions,
+            "deletions": out.deletions,
+            "insertions": out.insertions,
+            "hits": out.hits,
+            "sentence_error_rate": sum(r != h for r, h in zip(self.references, self.hypotheses)) / len(self.references),
+        }
+
+
+class _EventSets:
+    """Set-based precision/recall/F1 over event tags (micro-averaged) and exact-match accuracy."""
+
+    def __init__(self):
+        self.tp = self.fp = self.fn = self.exact = self.n = 0
+        self.per_event: dict[str, Counter] = defaultdict(Counter)
+
+    def add(self, reference: set[str], predicted: set[str]) -> None:
+        self.n += 1
+        self.exact += reference == predicted
+        self.tp += len(reference & predicted)
+        self.fp += len(predicted - reference)
+        self.fn += len(reference - predicted)
+        for e in reference | predicted:
+            self.per_event[e]["tp" if e in reference and e in predicted else ("fp" if e in predicted else "fn")] += 1
+
+    def report(self) -> dict[str, Any]:
+        precision = self.tp / (self.tp + self.fp) if self.tp + self.fp else None
+        recall = self.tp / (self.tp + self.fn) if self.tp + self.fn else None
+        f1 = 2 * precision * recall / (precision + recall) if precision and recall else (0.0 if precision is not None and recall is not None else None)
+        return {
+            "metric": "event_sets",
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "exact_match": self.exact / self.n if self.n else None,
+            "scored": self.n,
+            "per_event": {e: dict(c) for e, c in sorted(self.per_event.items())},
+        }
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _split_task(task: Any) -> tuple[str | None, str | None]:
+    """(normalised task, None) for a known OSUM task tag, else (None, reason)."""
+    if not isinstance(task, str) or not task.strip():
+        return None, f"task is not a tag string: {task!r}"
+    normalised = " ".join(task.replace(">", "> ").split())
+    if normalised not in vocab.TASK_TAGS:
+        return None, f"unknown task {task!r} (known: {', '.join(vocab.TASK_TAGS)})"
+    return normalised, None
+
+
+def evaluate(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The report: {"tasks": {task: {...metrics}}, "skipped": {reason: count}, "rows": n}."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    skipped: Counter = Counter()
+    n_rows = 0
+    for row in rows:
+        n_rows += 1
+        task, reason = _split_task(row.get("task"))
+        if task is None:
+            skipped[reason] += 1
+            continue
+        groups[task].append(row)
+    return {
+        "rows": n_rows,
+        "tasks": {task: _evaluate_task(task, group) for task, group in sorted(groups.items())},
+        "skipped": dict(skipped),
+    }
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)  # speech tokens etc.: kept, never scored as text
+
+
+def _evaluate_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    tags = task.split()
+    result: dict[str, Any] = {"rows": len(rows), "metrics": {}}
+    metrics = result["metrics"]
+    error_rates: dict[str, _ErrorRate] = {}
+    labels = {tag: _Accuracy(LABEL_VOCABS[tag][1]) for tag in tags if tag in LABEL_VOCABS}
+    events = _EventSets() if CAPTION in tags else None
+    think: dict[str, _Accuracy] = {}
+    for row in rows:
+        prediction, reference = _text(row.get("prediction")), _text(row.get("reference"))
+        if TRANSCRIBE in tags:
+            lang = language_of(reference, row.get("language"))
+            error_rates.setdefault(lang, _ErrorRate(lang)).add(reference, prediction)
+        if labels:
+            ref_labels = label_answers(reference, tags)
+            hyp_labels = label_answers(prediction, tags)
+            for tag, scorer in labels.items():
+                scorer.add(ref_labels[tag], hyp_labels[tag])
+        if events is not None:
+            events.add(event_set(reference), event_set(prediction))
+        if THINK in tags:
+            ref_fields, hyp_fields = think_fields(reference), think_fields(prediction)
+            for name, value in ref_fields.items():
+                think.setdefault(name, _Accuracy(THINK_FIELDS[name])).add(value, hyp_fields.get(name))
+    for lang, scorer in sorted(error_rates.items()):
+        metrics[f"transcript_{lang}"] = scorer.report()
+    for tag, scorer in labels.items():
+        metrics[LABEL_VOCABS[tag][0]] = scorer.report()
+    if events is not None:
+        metrics["events"] = events.report()
+    for name, scorer in think.items():
+        metrics[f"think_{name.replace(' ', '_')}"] = scorer.report()
+    if not metrics:
+        result["note"] = "free-form reply or speech tokens: no reference metric (counted, not scored)"
+    return result
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A plain-text table: one line per (task, metric), then confusion tables for labels."""
+    lines = [f"{'task':<34} {'metric':<22} {'value':>8} {'n':>6}  detail"]
+    lines.append("-" * len(lines[0]) + "-" * 20)
+    confusions = []
+    for task, result in report["tasks"].items():
+        if not result["metrics"]:
+            lines.append(f"{task:<34} {'(unscored)':<22} {'-':>8} {result['rows']:>6}  {result.get('note', '')}")
+        for name, m in result["metrics"].items():
+            kind = m["metric"]
+            if kind in ("wer", "cer"):
+                detail = f"S={m['substitutions']} D={m['deletions']} I={m['insertions']} ref tokens={m['reference_tokens']}"
+                lines.append(f"{task:<34} {name + ' ' + kind.upper():<22} {_fmt(m[kind]):>8} {m['utterances']:>6}  {detail}")
+            elif kind == "accuracy":
+                detail = f"correct={m['correct']}" + (f" no-reference={m['unscored_no_reference']}" if m["unscored_no_reference"] else "")
+                lines.append(f"{task:<34} {name + ' acc':<22} {_fmt(m['accuracy']):>8} {m['scored']:>6}  {detail}")
+                if m["confusion"]:
+                    confusions.append((task, name, m))
+            elif kind == "event_sets":
+                detail = f"P={_fmt(m['precision'])} R={_fmt(m['recall'])} F1={_fmt(m['f1'])}"
+                lines.append(f"{task:<34} {'events exact-match':<22} {_fmt(m['exact_match']):>8} {m['scored']:>6}  {detail}")
+    for reason, count in report["skipped"].items():
+        lines.append(f"skipped {count} row(s): {reason}")
+    for task, name, m in confusions:
+        lines.append("")
+        lines.append(f"confusion {task} {name} (rows: reference, columns: predicted)")
+        columns = list(m["per_class"])
+        width = max(8, *(len(c) for c in columns)) + 1
+        lines.append(" " * width + "".join(f"{c:>{width}}" for c in columns))
+        for ref, counts in m["confusion"].items():
+            lines.append(f"{ref:<{width}}" + "".join(f"{counts.get(c, 0):>{width}}" for c in columns))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--predictions", required=True, metavar="FILE.jsonl",
+                        help="predictions written by `echat infer` (key, task, prediction, reference[, language])")
+    parser.add_argument("--report", metavar="FILE.json", help="write the JSON report here (default: next to the predictions, .eval.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        rows = read_predictions(args.predictions)
+    except PredictionsError as err:
+        print(f"echat eval: {err}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"echat eval: {args.predictions} holds no predictions", file=sys.stderr)
+        return 2
+    report = evaluate(rows)
+    report["predictions"] = str(args.predictions)
+    out = Path(args.report) if args.report else Path(args.predictions).with_suffix(".eval.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(format_report(report))
+    print(f"\nreport: {out}")
+    for reason, count in report["skipped"].items():
+        print(f"echat eval: warning: skipped {count} row(s): {reason}", file=sys.stderr)
+    return 0
