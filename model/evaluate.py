@@ -18,12 +18,14 @@ Rows are grouped by task tag and scored by what the task outputs:
 - events (`<CAPTION>`): the sets of event tags are compared. Reported: micro precision, recall and
   F1 over tags, and exact-match accuracy (the predicted set equals the reference set).
 - tag-form reasoning (`<... <THINK>` tasks whose reference has `Emotion: <sad>; ...`): accuracy of
-  each labelled field of the reasoning (age, gender, emotion, sound event, reply emotion).
+  each labelled field of the reasoning (age, gender, emotion, sound event, reply emotion); the sound
+  event field is compared as a set (`<cough><laugh>`, or `<none>` for nothing heard).
 - free-form replies and speech tokens (`<S2TCHAT>`, `<TEXT2TEXT>`, `<TEXT2TOKEN>`, `<HISTORY>`)
   have no reference metric here; they are counted as unscored.
 
 A task that is not an OSUM task tag is reported under `skipped` with the reason, never scored by
-guess. A reference label written as the unknown placeholder `<&&>` (or missing) is not scored.
+guess. A reference label written as the unknown placeholder `<&&>` (or missing) is not scored, nor
+is a row whose `reference` is null (counted as `without_reference`).
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ _TIMESTAMP = re.compile(r"<\s*\d+(?:\.\d+)?\s*>")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 # A Chinese character, or a run of anything else that is not a space or a Chinese character.
 _ZH_TOKEN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\s\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
-_THINK_FIELD = re.compile(r"(?i)\b(" + "|".join(re.escape(k) for k in THINK_FIELDS) + r")\s*:\s*(<[^<>]*>)")
+_THINK_FIELD = re.compile(r"(?i)\b(" + "|".join(re.escape(k) for k in THINK_FIELDS) + r")\s*:\s*((?:\s*<[^<>]*>)+)")
+NO_EVENT = "none"  # `Sound event: <none>`: the labeler heard nothing (a label, not an unknown)
 
 
 class PredictionsError(ValueError):
@@ -169,11 +172,18 @@ def event_set(text: str) -> set[str]:
 def think_fields(text: str) -> dict[str, str | None]:
     """Field -> label of the tag-form reasoning (`Emotion: <sad>`); None for `<&&>` or no label."""
     found: dict[str, str | None] = {}
-    for name, tag in _THINK_FIELD.findall(text or ""):
+    for name, tags in _THINK_FIELD.findall(text or ""):
         name = _canonical(name)
         if name in found:
             continue
-        found[name] = find_label([_canonical(tag[1:-1])], THINK_FIELDS[name])
+        values = tags_in(tags)
+        if name == "sound event":
+            # Several events may be heard: the value is the set, written "cough+laugh"; "none" for <none>.
+            known = {_canonical(e): e for e in (*vocab.EVENTS, NO_EVENT)}
+            ok = values and all(v in known for v in values)
+            found[name] = "+".join(sorted({known[v] for v in values})) if ok else None
+        else:
+            found[name] = find_label(values[:1], THINK_FIELDS[name])
     return found
 
 
@@ -201,7 +211,10 @@ class _Accuracy:
         for c in self.confusion.values():
             predicted.update(c)
         per_class = {}
-        for cls in [c for c in self.classes if c in self.confusion or c in predicted] + ([NONE_CLASS] if predicted[NONE_CLASS] else []):
+        seen = set(self.confusion) | set(predicted)
+        # Vocabulary order first, then classes outside it (event sets such as "cough+laugh"), then <none>.
+        order = [c for c in self.classes if c in seen] + sorted(seen - set(self.classes) - {NONE_CLASS})
+        for cls in order + ([NONE_CLASS] if predicted[NONE_CLASS] else []):
             support = sum(self.confusion[cls].values()) if cls in self.confusion else 0
             hits = self.confusion[cls][cls] if cls in self.confusion else 0
             per_class[cls] = {
@@ -219,7 +232,7 @@ class _Accuracy:
             "unscored_no_reference": self.unscored,
             "per_class": per_class,
             # Rows in vocabulary order, like the columns (per_class).
-            "confusion": {ref: dict(self.confusion[ref]) for ref in self.classes if ref in self.confusion},
+            "confusion": {ref: dict(self.confusion[ref]) for ref in order if ref in self.confusion},
         }
 
 
@@ -334,7 +347,12 @@ def _evaluate_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     labels = {tag: _Accuracy(LABEL_VOCABS[tag][1]) for tag in tags if tag in LABEL_VOCABS}
     events = _EventSets() if CAPTION in tags else None
     think: dict[str, _Accuracy] = {}
+    without_reference = 0
     for row in rows:
+        if row.get("reference") is None:
+            # e.g. `echat infer --shards` on a record that lacks this task's target: predicted, not scored.
+            without_reference += 1
+            continue
         prediction, reference = _text(row.get("prediction")), _text(row.get("reference"))
         if TRANSCRIBE in tags:
             lang = language_of(reference, row.get("language"))
@@ -358,6 +376,7 @@ def _evaluate_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         metrics["events"] = events.report()
     for name, scorer in think.items():
         metrics[f"think_{name.replace(' ', '_')}"] = scorer.report()
+    result["without_reference"] = without_reference
     if not metrics:
         result["note"] = "free-form reply or speech tokens: no reference metric (counted, not scored)"
     return result
@@ -395,6 +414,9 @@ def format_report(report: dict[str, Any]) -> str:
             elif kind == "event_sets":
                 detail = f"P={_fmt(m['precision'])} R={_fmt(m['recall'])} F1={_fmt(m['f1'])}"
                 lines.append(f"{task:<34} {'events exact-match':<22} {_fmt(m['exact_match']):>8} {m['scored']:>6}  {detail}")
+    for task, result in report["tasks"].items():
+        if result.get("without_reference"):
+            lines.append(f"{task}: {result['without_reference']} row(s) without a reference, not scored")
     for reason, count in report["skipped"].items():
         lines.append(f"skipped {count} row(s): {reason}")
     for task, name, m in confusions:

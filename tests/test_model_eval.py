@@ -126,18 +126,29 @@ def test_think_fields_and_free_form_tasks():
            "Sound event: <&&>; Reply emotion: <WORRIED>; <think end>I'm so sorry to hear that.")
     hyp = ("<think>User's words: I lost my job; Age: <adult>; Gender: <male>; Emotion: <sad>; "
            "Sound event: <cough>; Reply emotion: <SORRY>; <think end>Oh no.")
+    # OSUM's spacing (`Age:<adult>`), several events compared as a set, and <none>.
+    ref2 = "<think>User's words: ha; Age:<child>; Gender:<male>; Sound event:<laugh><cough>; Emotion:<happy>; Reply emotion:<HAPPY><think end>Fun!"
+    hyp2 = "<think>User's words: ha; Age:<child>; Gender:<male>; Sound event:<cough><laugh>; Emotion:<happy>; Reply emotion:<HAPPY><think end>Yes"
+    ref3 = "<think>User's words: hm; Age: <old>; Gender: <male>; Sound event: <none>; Emotion: <neutral>; Reply emotion: <NEUTRAL><think end>Ok"
+    hyp3 = "<think>User's words: hm; Age: <old>; Gender: <male>; Sound event: <sigh>; Emotion: <neutral>; Reply emotion: <NEUTRAL><think end>Ok"
     report = ev.evaluate([
         _row("<S2TCHAT> <THINK>", hyp, ref, key="1"),
+        _row("<S2TCHAT> <THINK>", hyp2, ref2, key="1b"),
+        _row("<S2TCHAT> <THINK>", hyp3, ref3, key="1c"),
         _row("<S2TCHAT>", "Sure.", "Of course.", key="2"),
+        _row("<S2TCHAT>", "Hi.", None, key="3"),
     ])
     think = report["tasks"]["<S2TCHAT> <THINK>"]["metrics"]
     assert think["think_age"]["accuracy"] == 1.0
-    assert think["think_gender"]["accuracy"] == 0.0
+    assert think["think_gender"]["accuracy"] == pytest.approx(2 / 3)
     assert think["think_emotion"]["accuracy"] == 1.0
-    assert think["think_reply_emotion"]["accuracy"] == 0.0
-    assert think["think_sound_event"]["scored"] == 0 and think["think_sound_event"]["unscored_no_reference"] == 1
+    assert think["think_reply_emotion"]["accuracy"] == pytest.approx(2 / 3)
+    events = think["think_sound_event"]
+    assert (events["scored"], events["correct"], events["unscored_no_reference"]) == (2, 1, 1)
+    assert events["confusion"] == {"none": {"sigh": 1}, "cough+laugh": {"cough+laugh": 1}}
     chat = report["tasks"]["<S2TCHAT>"]
-    assert chat["metrics"] == {} and chat["rows"] == 1 and "no reference metric" in chat["note"]
+    assert chat["metrics"] == {} and chat["rows"] == 2 and chat["without_reference"] == 1
+    assert "no reference metric" in chat["note"]
 
 
 def test_unknown_task_is_skipped_with_a_reason():
