@@ -28,7 +28,8 @@ def main() -> int:
     from echat.synth.demo_corpus import make_demo_corpus
 
     work = Path(args.workdir)
-    manifest = make_demo_corpus(work / "corpus", n=args.n)
+    make_demo_corpus(work / "corpus", n=args.n, overwrite=True)
+    manifest = work / "corpus" / "manifest.jsonl"
     profile = load_profile("local")
     runs = {
         "1 worker (in_memory)": ["--direct_num_workers=1", "--direct_running_mode=in_memory"],

@@ -60,6 +60,23 @@ def pipeline_options(profile, beam_args: list[str]):
     return PipelineOptions(flags + list(beam_args))  # later flags win: the command line overrides the profile
 
 
+def _runner(options):
+    """The runner named by the options; the Python direct runner for "DirectRunner".
+
+    Beam 2.77's DirectRunner first tries the Prism runner, which downloads a binary from GitHub
+    at run time (impossible offline, and it ignores direct_running_mode). The FnApiRunner is the
+    Python direct runner behind it, which honours direct_num_workers and multi_processing mode.
+    """
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    name = options.view_as(StandardOptions).runner or "DirectRunner"
+    if name in ("DirectRunner", "direct"):
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        return FnApiRunner()
+    return name
+
+
 def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), overwrite: bool = False) -> dict[str, Any]:
     """Run the build and write OUT/summary.json; returns the summary."""
     import apache_beam as beam
@@ -84,7 +101,7 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     tallies_path = FileSystems.join(work_dir, "tallies.json")
     shards_path = FileSystems.join(work_dir, "shards.json")
     options = pipeline_options(profile, beam_args)
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(runner=_runner(options), options=options)
     shards = build_graph(
         pipeline, records, source_rejects, profile,
         data_dir=data_dir, rejects_prefix=FileSystems.join(rejects_dir, "rejects"), tallies_path=tallies_path,

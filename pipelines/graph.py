@@ -35,9 +35,23 @@ def stage_specs(profile: Profile) -> list[StageSpec]:
     for stage, choice in profile.stage_choices():
         if stage == "reply":  # filters run before anything is spent on replies and speech
             specs.append(StageSpec("filter", None, profile.filters.model_dump(), factory=QualityFilter))
-        specs.append(StageSpec(stage, choice.backend, choice.params))
+        specs.append(StageSpec(stage, choice.backend, _with_cache_dir(stage, choice, profile.cache_dir)))
     specs.append(StageSpec("encode", None, {}, factory=EncodeRow))
     return specs
+
+
+def _with_cache_dir(stage: str, choice, cache_dir: str) -> dict[str, Any]:
+    """The profile's cache folder goes to every backend that takes one (slow or paid calls)."""
+    import inspect
+    import os
+
+    from .backends import backend_path, load_class
+
+    params = dict(choice.params)
+    accepts = inspect.signature(load_class(backend_path(stage, choice.backend))).parameters
+    if "cache_dir" in accepts and "cache_dir" not in params and cache_dir:
+        params["cache_dir"] = os.path.expanduser(cache_dir)
+    return params
 
 
 def _tally(kind: str, seconds_key: str | None = None):

@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"echat quickstart: {exc}", file=sys.stderr)
         return 2
     corpus = out / "demo-corpus"
-    manifest = make_demo_corpus(corpus, n=args.n)
+    make_demo_corpus(corpus, n=args.n, overwrite=True)
+    manifest = corpus / "manifest.jsonl"
     print(f"demo corpus: {args.n} utterances, manifest {manifest}")
     summary = build(profile, str(manifest), str(out / "build"), beam_args=getattr(args, "extra_args", []), overwrite=True)
     print_report(summary, str(out / "build"))

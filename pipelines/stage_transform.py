@@ -77,8 +77,6 @@ class _StageDoFn(beam.DoFn):
 
     def _run(self, records: list[dict[str, Any]]):
         self.c_in.inc(len(records))
-        audio_s = sum(float(r.get("duration") or r.get("_source_duration") or 0.0) for r in records)
-        self.c_audio_ms.inc(int(audio_s * 1000))
         start = time.perf_counter()
         try:
             if len(records) == 1:
@@ -94,6 +92,7 @@ class _StageDoFn(beam.DoFn):
                     outputs.append(self.stage.reject(record, "stage_error", f"{type(exc).__name__}: {exc}"))
         spent = time.perf_counter() - start
         self.c_us.inc(int(spent * 1e6))
+        self.c_audio_ms.inc(int(_audio_seconds(records, outputs) * 1000))
         self._progress(len(records), spent)
         return outputs
 
@@ -131,3 +130,11 @@ class ApplyStage(beam.PTransform):
         else:
             result = records | "Run" >> beam.ParDo(_SingleDoFn(self.spec)).with_outputs(REJECTS, main="records")
         return result.records, result[REJECTS]
+
+
+def _audio_seconds(records: list[dict[str, Any]], outputs: list) -> float:
+    """Audio a stage handled: its inputs' duration, or for decode (inputs not yet decoded) its outputs'."""
+    seconds = sum(float(r.get("duration") or r.get("_source_duration") or 0.0) for r in records)
+    if not seconds:
+        seconds = sum(float(o.get("_source_duration") or 0.0) for o in outputs if isinstance(o, dict))
+    return seconds

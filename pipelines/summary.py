@@ -61,7 +61,8 @@ def stage_stats(counters: dict[str, int], stage_order: list[str]) -> dict[str, d
             "rejected": counters.get(f"{stage}.rejected", 0),
             "busy_seconds": round(seconds, 3),
             "audio_seconds_in": round(audio, 3),
-            "x_real_time": round(audio / seconds, 1) if seconds else None,
+            # below a millisecond of busy time the ratio says nothing
+            "x_real_time": round(audio / seconds, 1) if seconds >= 1e-3 else None,
         }
     return stats
 

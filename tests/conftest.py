@@ -22,7 +22,7 @@ def demo_corpus(tmp_path_factory) -> Path:
     from echat.synth.demo_corpus import make_demo_corpus
 
     out = tmp_path_factory.mktemp("demo-corpus")
-    make_demo_corpus(out, n=DEMO_N)
+    make_demo_corpus(out, n=DEMO_N, overwrite=True)
     return out
 
 
