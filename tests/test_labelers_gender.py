@@ -1,0 +1,89 @@
+"""Pitch tracking and the pitch-threshold gender labeler on real espeak voices."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import test_labelers_support as speech
+from echat.labelers.gender import MODEL_NAME, UNKNOWN_FLAG, PitchGender
+from echat.labelers.pitch import F0_KEY, f0_of, voiced_f0, warm_up
+
+SR = speech.SR
+
+
+@pytest.fixture(scope="module")
+def gender() -> PitchGender:
+    stage = PitchGender()
+    stage.setup()
+    return stage
+
+
+def harmonic_tone(f0: float, seconds: float, harmonics: int = 8) -> np.ndarray:
+    t = np.arange(int(seconds * SR)) / SR
+    x = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, harmonics + 1))
+    return (0.3 * x / np.max(np.abs(x))).astype(np.float32)
+
+
+@pytest.mark.parametrize("f0", [90.0, 140.0, 220.0, 330.0])
+def test_f0_of_a_harmonic_tone(f0):
+    estimate = voiced_f0(harmonic_tone(f0, 1.0))
+    assert len(estimate) > 80  # nearly every 10 ms frame is voiced
+    assert np.median(estimate) == pytest.approx(f0, rel=0.02)
+
+
+def test_noise_and_silence_are_not_voiced():
+    assert len(voiced_f0(speech.white_noise(SR, 0.1))) < 5
+    assert len(voiced_f0(speech.silence(1.0))) == 0
+    assert len(voiced_f0(speech.silence(0.01))) == 0  # shorter than one frame
+
+
+def test_pitch_runs_far_above_real_time():
+    warm_up()
+    waveform = np.concatenate([speech.say(s) for s in speech.SENTENCES] * 3)
+    start = time.perf_counter()
+    voiced_f0(waveform)
+    speed = len(waveform) / SR / (time.perf_counter() - start)
+    print(f"\nvoiced_f0: {speed:.0f}x real time on {len(waveform) / SR:.0f} s")
+    assert speed > 20  # measured ~250x on one core; the margin absorbs a busy machine
+
+
+def test_f0_is_computed_once_and_cached_on_the_record():
+    record = {"_waveform": harmonic_tone(150, 0.5), "sampling_rate": SR}
+    first = f0_of(record)
+    assert record[F0_KEY] is first and f0_of(record) is first
+
+
+@pytest.mark.parametrize("voice", speech.MALE_VOICES + speech.FEMALE_VOICES)
+def test_espeak_voices_get_their_gender(gender, voice):
+    expected = "male" if voice in speech.MALE_VOICES else "female"
+    record = {"source_uri": voice, "_waveform": speech.speech_for_voice(voice), "sampling_rate": SR}
+    (out,) = list(gender.process(record))
+    f0 = out[F0_KEY]
+    print(f"\n{voice}: median F0 {np.median(f0):.0f} Hz -> {out['gender']} ({out['gender_score']:.2f})")
+    assert out["gender"] == expected
+    assert 0.5 < out["gender_score"] <= 0.95 and isinstance(out["gender_score"], float)
+    assert out["gender_model"] == MODEL_NAME
+    assert F0_KEY not in record  # the cache went on the output copy
+
+
+def test_score_is_one_half_at_the_threshold_and_rises_with_distance(gender):
+    assert gender.classify(150.0) == ("female", 0.5)
+    scores = [gender.classify(f)[1] for f in (140, 120, 100, 80, 60)]
+    assert scores == sorted(scores) and scores[-1] <= 0.95
+    assert gender.classify(212.0)[1] == pytest.approx(0.90, abs=0.01)
+
+
+def test_manifest_gender_wins(gender):
+    record = {"_waveform": speech.say("Hello there.", "en+m3"), "sampling_rate": SR, "gender": "female",
+              "gender_score": 1.0, "gender_model": "manifest"}
+    (out,) = list(gender.process(record))
+    assert out is record and out["gender"] == "female"
+
+
+def test_too_little_voicing_leaves_gender_unknown(gender):
+    for waveform in (speech.white_noise(2 * SR, 0.05), harmonic_tone(120, 0.15)):
+        (out,) = list(gender.process({"_waveform": waveform, "sampling_rate": SR, "quality_flags": []}))
+        assert out.get("gender") is None and out.get("gender_score") is None
+        assert out["quality_flags"] == [UNKNOWN_FLAG]
