@@ -19,8 +19,9 @@ Records in another language keep transcript None and get the quality flag
 decides what to do with those.
 
 The default language model is a general one and transcribes synthetic or noisy speech poorly
-(81% WER measured on espeak speech, see tests and benchmarks): use it as a fallback, not a source
-of truth.
+(71-80% WER measured on espeak speech: tests/test_labelers_asr.py, benchmarks/bench_labelers.py):
+use it as a fallback, not a source of truth. Records in languages it has no model for are not
+guessed at, but a record with no language at all is assumed English (there is no offline LID).
 """
 
 from __future__ import annotations
