@@ -16,7 +16,9 @@ Each segment record carries `segment_start`/`segment_end` (seconds in the source
 `id` (from source_uri and the bounds), its slice of the waveform as `_waveform` (a view: no copy),
 and `_speech_spans`: the speech intervals inside the segment, in seconds from its start.
 
-A transcript on the input (from a manifest) belongs to the whole file. It is kept when the file
+A transcript on the input (from a manifest) belongs to the whole file. With
+`keep_transcribed_whole` (the default) such a file is not cut at its pauses when all its speech
+fits in one segment, so the transcript stays aligned with the audio. It is kept when the file
 yields exactly one segment (counting the too-short ones); when the file is split it is cleared on
 every piece, with `words`, `transcript_origin` and `transcript_confidence`, and the piece gets the
 quality flag `manifest_transcript_dropped_split` so that ASR fills it.
@@ -61,6 +63,7 @@ class SileroVAD(Stage):
         max_segment_s: float = 30.0,
         pad_s: float = 0.15,
         min_speech_s: float = 0.25,
+        keep_transcribed_whole: bool = True,
     ):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
@@ -77,6 +80,7 @@ class SileroVAD(Stage):
         self.max_segment_s = float(max_segment_s)
         self.pad_s = float(pad_s)
         self.min_speech_s = float(min_speech_s)
+        self.keep_transcribed_whole = bool(keep_transcribed_whole)
         self._model = None
 
     def setup(self) -> None:
@@ -123,11 +127,14 @@ class SileroVAD(Stage):
             yield self.reject(record, "no_speech", f"no speech above threshold {self.threshold} in {total:.2f} s")
             return
 
+        merge_gap_s = self.merge_gap_s
+        if self.keep_transcribed_whole and (record.get("transcript") or "").strip():
+            merge_gap_s = float("inf")  # merge every pause, as long as the result fits a segment
         segments = plan_segments(
             spans,
             total,
             waveform=waveform,
-            merge_gap_s=self.merge_gap_s,
+            merge_gap_s=merge_gap_s,
             max_segment_s=self.max_segment_s,
             pad_s=self.pad_s,
         )

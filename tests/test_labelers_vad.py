@@ -75,7 +75,19 @@ def test_manifest_transcript_is_kept_when_the_file_is_one_segment(vad):
     assert SPLIT_FLAG not in (seg.get("quality_flags") or [])
 
 
-def test_manifest_transcript_is_dropped_on_every_piece_of_a_split(vad, speech_gap_speech):
+def test_transcribed_file_with_a_pause_stays_whole(vad, speech_gap_speech):
+    waveform, truth = speech_gap_speech
+    record = file_record(waveform, transcript="two sentences", transcript_origin="manifest", transcript_confidence=1.0)
+    (seg,) = list(vad.process(record))
+    assert seg["transcript"] == "two sentences" and SPLIT_FLAG not in (seg.get("quality_flags") or [])
+    assert seg["segment_start"] < truth[0][0] and seg["segment_end"] > truth[1][1]  # both sentences inside
+    assert len(seg["_speech_spans"]) == 2  # the pause is still visible to the speech-ratio metric
+
+
+def test_manifest_transcript_is_dropped_on_every_piece_of_a_split(speech_gap_speech):
+    vad = SileroVAD(threshold=0.5, min_silence_s=0.3, merge_gap_s=0.8, min_segment_s=1.0, max_segment_s=30.0,
+                    pad_s=0.15, keep_transcribed_whole=False)
+    vad.setup()
     waveform, _ = speech_gap_speech
     parent_flags = ["from_manifest_check"]
     record = file_record(
