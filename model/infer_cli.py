@@ -176,41 +176,62 @@ def _rows_for(predictions, task, refs, languages) -> Iterator[dict[str, Any]]:
         yield row
 
 
+RECORDS_PER_CHUNK = 256  # records held at once (with their audio bytes) while every task runs on them
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def run_shards(predictor, tasks: list[str], args: argparse.Namespace, sink) -> dict[str, Any]:
-    records = list(read_records(args.shards, args.limit))
-    if not records:
-        raise ValueError(f"{args.shards}: no records")
     helper = RecordTasks(predictor.tokenizer, tasks)
     counts: Counter = Counter()
+    with_reference: Counter = Counter()
     skipped: Counter = Counter()
-    for task in tasks:
-        inputs, keys, refs, languages, histories = [], [], [], [], []
-        for record in records:
-            item, why = helper.input_of(record, task)
-            if item is None:
-                skipped[f"{task}: {why}"] += 1
+    n_records = 0
+    started = time.perf_counter()
+    # Records stream in chunks, so a large shard folder never sits in memory as a whole.
+    for records in _chunks(read_records(args.shards, args.limit), RECORDS_PER_CHUNK):
+        n_records += len(records)
+        for task in tasks:
+            inputs, keys, refs, languages, histories = [], [], [], [], []
+            for record in records:
+                item, why = helper.input_of(record, task)
+                if item is None:
+                    skipped[f"{task}: {why}"] += 1
+                    continue
+                inputs.append(item)
+                keys.append(str(record.get("id")))
+                refs.append(helper.reference_of(record, task))
+                languages.append(record.get("language"))
+                histories.append([{"role": t["role"], "text": t["text"]} for t in (record.get("history") or [])
+                                  if t.get("role") in ("user", "assistant") and t.get("text")] or None)
+            if not inputs:
                 continue
-            inputs.append(item)
-            keys.append(str(record.get("id")))
-            refs.append(helper.reference_of(record, task))
-            languages.append(record.get("language"))
-            histories.append([{"role": t["role"], "text": t["text"]} for t in (record.get("history") or [])
-                              if t.get("role") in ("user", "assistant") and t.get("text")] or None)
-        if not inputs:
-            continue
-        started = time.perf_counter()
-        preds = predictor.predict(
-            inputs, task, keys=keys, instruction=args.instruction,
-            history=histories if task == "<HISTORY>" else None, speech=args.speech or None,
-            batch_size=args.batch_size, max_text_tokens=args.max_text_tokens, max_speech_tokens=args.max_speech_tokens,
-            sampling=sampling_from(args), seed=args.seed,
-        )
-        for row in _rows_for(preds, task, refs, languages):
-            sink(row)
-        counts[task] = len(preds)
-        print(f"echat infer: {task}: {len(preds)} prediction(s), {sum(r[0] is not None or r[1] is not None for r in refs)} with a reference"
-              f" ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
-    return {"records": len(records), "predictions": dict(counts), "skipped": dict(skipped)}
+            preds = predictor.predict(
+                inputs, task, keys=keys, instruction=args.instruction,
+                history=histories if task == "<HISTORY>" else None, speech=args.speech or None,
+                batch_size=args.batch_size, max_text_tokens=args.max_text_tokens, max_speech_tokens=args.max_speech_tokens,
+                sampling=sampling_from(args), seed=args.seed,
+            )
+            for row in _rows_for(preds, task, refs, languages):
+                sink(row)
+            counts[task] += len(preds)
+            with_reference[task] += sum(r[0] is not None or r[1] is not None for r in refs)
+        print(f"echat infer: {n_records} record(s), {sum(counts.values())} prediction(s) "
+              f"({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
+    if n_records == 0:
+        raise ValueError(f"{args.shards}: no records")
+    for task in tasks:
+        print(f"echat infer: {task}: {counts[task]} prediction(s), {with_reference[task]} with a reference", file=sys.stderr)
+    return {"records": n_records, "predictions": dict(counts), "skipped": dict(skipped)}
 
 
 def run_inputs(predictor, tasks: list[str], args: argparse.Namespace, sink) -> dict[str, Any]:
@@ -263,6 +284,14 @@ def run(args: argparse.Namespace) -> int:
         if absent:
             print(f"echat infer: audio file(s) not found: {', '.join(absent)}", file=sys.stderr)
             return 2
+    if args.shards:
+        from echat.model.data_sources import DataSourceError, resolve_files
+
+        try:
+            resolve_files([args.shards])  # before the model loads: a wrong path fails at once
+        except DataSourceError as err:
+            print(f"echat infer: --shards: {err}", file=sys.stderr)
+            return 2
     if args.output and Path(args.output).suffix != ".jsonl":
         print(f"echat infer: --output must be a .jsonl file, not {args.output}", file=sys.stderr)
         return 2
@@ -281,7 +310,11 @@ def run(args: argparse.Namespace) -> int:
         tmp = Path(args.output).with_suffix(".jsonl.partial")
         out_fh = tmp.open("w", encoding="utf-8")
 
+    written = 0
+
     def sink(row: dict[str, Any]) -> None:
+        nonlocal written
+        written += 1
         if out_fh is not None:
             out_fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         if not args.shards:
@@ -295,7 +328,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"echat infer: {err}", file=sys.stderr)
         if out_fh is not None:
             out_fh.close()
-            print(f"echat infer: partial predictions kept in {tmp}", file=sys.stderr)
+            if written:
+                print(f"echat infer: the {written} prediction(s) made before the error are in {tmp}", file=sys.stderr)
+            else:
+                tmp.unlink()
         return 2
     if out_fh is not None:
         out_fh.close()

@@ -105,6 +105,10 @@ def test_infer_rejects_bad_requests_clearly(tiny_checkpoint, audio_files, capsys
     assert "not found: missing.wav" in capsys.readouterr().err
     assert main(["infer", "--checkpoint", str(Path(ckpt) / "nothing"), "--task", "<EMOTION>", str(audio_files[0])]) == 2
     assert "cannot load checkpoint" in capsys.readouterr().err
+    assert main(["infer", "--checkpoint", ckpt, "--task", "<EMOTION>", "--shards", "/nonexistent/build", "--output", "x.jsonl"]) == 2
+    assert "--shards: no such file: /nonexistent/build" in capsys.readouterr().err
+    assert main(["infer", "--checkpoint", ckpt, "--task", "<EMOTION>", "--shards", "/nonexistent/build"]) == 2
+    assert "--shards needs --output" in capsys.readouterr().err
 
 
 def test_infer_on_shards_writes_references_then_eval_scores_them(tiny_checkpoint, demo_shards, tmp_path, capsys):
