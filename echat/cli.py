@@ -43,7 +43,16 @@ def _version() -> str:
     return f"echat-forge {__version__}"
 
 
+def _quiet_beam_import_warning(record) -> bool:
+    # apache_beam.io.gcp warns on import that BigQuery's client libraries are missing; nothing of
+    # ours uses BigQuery, and the warning reads as an error on the README's first command.
+    return "apitools not found" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.getLogger().addFilter(_quiet_beam_import_warning)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         top = _top_parser()

@@ -159,7 +159,7 @@ def test_multiprocessing_runner_gives_the_same_rows(hostile_build):
                     beam_args=["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
     assert summary["reconciliation"]["ok"]
     assert sorted(r["id"] for r in _rows(out)) == sorted(r["id"] for r in _rows(root / "out"))
-    assert summary["stages"]["decode"]["in"] == in_memory["stages"]["decode"]["in"] == 9
+    assert summary["stages"]["decode"]["in"] == in_memory["stages"]["decode"]["in"] == 10
 
 
 def test_cli_rejects_unknown_profile_key_naming_it(tmp_path):
