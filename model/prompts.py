@@ -1,0 +1,308 @@
+"""ChatML prompts of OSUM-EChat: a system prompt per output type, instructions per task tag.
+
+Layout of one sample (OSUM-EChat's `llmasr_model_instruct_version.py`, forward):
+
+    <|im_start|>system\n{system prompt for the output type}<|im_end|>\n
+    [<|im_start|>user\n{earlier user turn}<|im_end|>\n<|im_start|>assistant\n{earlier reply}<|im_end|>\n ...]
+    <|im_start|>user\n{instruction}<|audio|><|im_end|>\n<|im_start|>assistant\n
+    {target}<|im_end|>
+
+The instruction comes before the speech, as OSUM puts its prompt embeddings before the speech
+embeddings. The dialogue tasks carry no instruction there (OSUM-EChat feeds the speech alone and
+names the mode in the system prompt); text-to-speech puts the text to speak in the user turn and
+text chat the user's words. Everything before the target is masked from the loss, and so is each
+`<&&>` placeholder inside the target (an unknown label in the tag-form reasoning).
+
+The task tags' paraphrased instructions are data: `model/instructions/*.yaml`, each a mapping
+task tag -> list of instructions, the layout of OSUM's own `prompt_config.yaml`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from echat.model.batch import IGNORE_INDEX
+from echat.schemas import vocab
+
+# Special tokens, by string: the tokenizer maps each to one id (model/tokenizer.py builds them).
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+PAD = "<|endoftext|>"
+AUDIO = "<|audio|>"  # the one placeholder the model replaces with the speech embeddings
+THINK_START = "<think>"
+THINK_END = "<think end>"
+UNKNOWN = vocab.UNKNOWN_PLACEHOLDER  # "<&&>"
+
+# Output types: each has its own system prompt. The wording follows the roles of OSUM-EChat's
+# system prompts (understanding, speech-to-text chat, thinking, speech-to-speech, TTS, text chat).
+UNDERSTAND = "understand"
+S2T_CHAT = "s2t_chat"
+S2T_THINK = "s2t_think"
+S2S = "s2s"
+S2S_THINK = "s2s_think"
+TTS = "tts"
+T2T = "t2t"
+
+SYSTEM_PROMPTS: dict[str, str] = {
+    UNDERSTAND: (
+        "You are an audio understanding assistant. You transcribe speech accurately and analyse its "
+        "paralinguistic cues, such as the speaker's age, gender and emotion, vocal events and speaking "
+        "style, to give precise text answers."
+    ),
+    S2T_CHAT: (
+        "You are a speech-to-text dialogue assistant. You understand both what is said and how it is "
+        "said, and you reply with appropriate text only."
+    ),
+    S2T_THINK: (
+        "You are a thinking speech-to-text dialogue assistant. You understand both what is said and how "
+        "it is said. Before replying, you reason inside <think>...<think end> about the user's words and "
+        "vocal cues, then you reply with appropriate text only."
+    ),
+    S2S: (
+        "You are a speech-to-speech dialogue assistant. You understand both the meaning and the "
+        "paralinguistic cues of speech, and you reply with appropriate text and emotionally matching "
+        "synthetic speech."
+    ),
+    S2S_THINK: (
+        "You are a speech-to-speech dialogue assistant. You understand both the meaning and the "
+        "paralinguistic cues of speech. Before replying, you reason inside <think>...<think end> about "
+        "the user's words and vocal cues, then you reply with appropriate text and emotionally matching "
+        "synthetic speech."
+    ),
+    TTS: "You are a speech synthesis assistant. You turn the text you are given into natural, fluent speech.",
+    T2T: "You are a text dialogue assistant. You understand the user's text and reply with appropriate text only.",
+}
+
+# Single tags that name a paralinguistic label, and the record field each reads.
+LABEL_TAGS: dict[str, str] = {
+    "<EMOTION>": "emotion",
+    "<GENDER>": "gender",
+    "<AGE>": "age",
+    "<STYLE>": "style",
+    "<CAPTION>": "events",
+}
+TRANSCRIBE, ALIGN = "<TRANSCRIBE>", "<ALIGN>"
+# Tasks whose user turn carries no instruction by default (see the module docstring).
+CHAT_TASKS = (
+    "<S2TCHAT>",
+    "<S2TCHAT> <THINK>",
+    "<S2TCHAT> <TEXT2TOKEN>",
+    "<S2TCHAT> <TEXT2TOKEN> <THINK>",
+    "<TEXT2TOKEN>",
+    "<TEXT2TEXT>",
+    "<HISTORY>",
+)
+# Every single tag a task string may hold (the tokenizer has each as a special token).
+SINGLE_TAGS = tuple(dict.fromkeys(tag for task in vocab.TASK_TAGS for tag in task.split()))
+
+
+def normalize_task(task: str) -> str:
+    """`"<TRANSCRIBE><AGE>  <GENDER>"` -> `"<TRANSCRIBE> <AGE> <GENDER>"` (one space between tags)."""
+    tags = task.replace(">", "> ").split()
+    if not tags or not all(t.startswith("<") and t.endswith(">") and len(t) > 2 for t in tags):
+        raise ValueError(f"not a task tag string: {task!r} (expected tags such as '<TRANSCRIBE> <AGE>')")
+    return " ".join(tags)
+
+
+def is_label_task(task: str) -> bool:
+    """Understanding tasks: optional <TRANSCRIBE>, then one or more distinct label tags."""
+    tags = normalize_task(task).split()
+    if tags[0] == TRANSCRIBE:
+        tags = tags[1:]
+    return bool(tags) and all(t in LABEL_TAGS for t in tags) and len(set(tags)) == len(tags)
+
+
+def is_known_task(task: str) -> bool:
+    task = normalize_task(task)
+    return task in (TRANSCRIBE, f"{TRANSCRIBE} {ALIGN}") or task in CHAT_TASKS or is_label_task(task)
+
+
+def output_type(task: str, *, speech_target: bool = False) -> str:
+    """The output type (system prompt) of a task; `<HISTORY>` speaks when it has a speech target."""
+    task = normalize_task(task)
+    fixed = {
+        "<S2TCHAT>": S2T_CHAT,
+        "<S2TCHAT> <THINK>": S2T_THINK,
+        "<S2TCHAT> <TEXT2TOKEN>": S2S,
+        "<S2TCHAT> <TEXT2TOKEN> <THINK>": S2S_THINK,
+        "<TEXT2TOKEN>": TTS,
+        "<TEXT2TEXT>": T2T,
+    }
+    if task in fixed:
+        return fixed[task]
+    if task == "<HISTORY>":
+        return S2S if speech_target else S2T_CHAT
+    if is_known_task(task):
+        return UNDERSTAND
+    raise ValueError(f"unknown task {task!r}")
+
+
+# ----------------------------------------------------------------------------- instructions
+
+
+class InstructionError(ValueError):
+    pass
+
+
+def default_instructions_dir() -> Path:
+    return Path(str(resources.files("echat.model").joinpath("instructions")))
+
+
+def load_instructions(folder: str | Path | None = None) -> dict[str, tuple[str, ...]]:
+    """Task tag -> paraphrased instructions, from every `*.yaml` in `folder` (default: ours).
+
+    Raises InstructionError naming the file and key for a malformed entry or a tag defined twice.
+    """
+    folder = Path(folder) if folder is not None else default_instructions_dir()
+    if folder == default_instructions_dir():
+        return _default_instructions()
+    return _read_instructions(folder)
+
+
+@lru_cache(maxsize=1)
+def _default_instructions() -> dict[str, tuple[str, ...]]:
+    return _read_instructions(default_instructions_dir())
+
+
+def _read_instructions(folder: Path) -> dict[str, tuple[str, ...]]:
+    files = sorted(folder.glob("*.yaml"))
+    if not files:
+        raise InstructionError(f"no instruction files (*.yaml) in {folder}")
+    table: dict[str, tuple[str, ...]] = {}
+    origin: dict[str, str] = {}
+    for path in files:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise InstructionError(f"{path}: expected a mapping task tag -> list of instructions")
+        for key, items in data.items():
+            try:
+                task = normalize_task(str(key))
+            except ValueError as err:
+                raise InstructionError(f"{path}: {err}") from None
+            if not isinstance(items, list) or not items or not all(isinstance(s, str) and s.strip() for s in items):
+                raise InstructionError(f"{path}: {key!r} must be a non-empty list of non-empty strings")
+            if task in table:
+                raise InstructionError(f"{path}: {task!r} is already defined in {origin[task]}")
+            table[task] = tuple(s.strip() for s in items)
+            origin[task] = path.name
+    return table
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of text and whether its tokens are trained on (labels) or masked."""
+
+    text: str
+    train: bool = False
+
+
+def target_segments(target: str) -> list[Segment]:
+    """The target as trained segments, each `<&&>` placeholder a masked segment of its own."""
+    segments: list[Segment] = []
+    pieces = target.split(UNKNOWN)
+    for i, piece in enumerate(pieces):
+        if piece:
+            segments.append(Segment(piece, train=True))
+        if i < len(pieces) - 1:
+            segments.append(Segment(UNKNOWN, train=False))
+    return segments
+
+
+class ChatEncoder:
+    """Turns segments into token ids and labels with one tokenizer (any PreTrainedTokenizerFast).
+
+    Segments are tokenized one by one, so the label mask follows segment bounds exactly, and the
+    fixed pieces (system prompts, turn markers) are cached.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        missing = [t for t in (IM_START, IM_END, AUDIO) if _single_token_id(tokenizer, t) is None]
+        if missing:
+            raise ValueError(f"the tokenizer lacks the special token(s) {', '.join(missing)} as single tokens")
+        self.audio_id = _single_token_id(tokenizer, AUDIO)
+        self.im_end_id = _single_token_id(tokenizer, IM_END)
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = _single_token_id(tokenizer, PAD)
+        if pad is None:
+            raise ValueError(f"the tokenizer has no pad token and no {PAD} token")
+        self.pad_id = int(pad)
+        self._cache: dict[str, list[int]] = {}
+
+    _CACHE_SIZE = 4096  # fixed pieces and instructions fit; user texts must not grow it forever
+
+    def ids(self, text: str, cache: bool = False) -> list[int]:
+        hit = self._cache.get(text) if cache else None
+        if hit is not None:
+            return hit
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if cache and len(self._cache) < self._CACHE_SIZE:
+            self._cache[text] = ids
+        return ids
+
+    def encode(self, segments: Iterable[Segment]) -> tuple[list[int], list[int]]:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for seg in segments:
+            ids = self.ids(seg.text, cache=not seg.train)
+            input_ids.extend(ids)
+            labels.extend(ids if seg.train else [IGNORE_INDEX] * len(ids))
+        return input_ids, labels
+
+    def prompt_ids(
+        self,
+        out_type: str,
+        *,
+        instruction: str | None = None,
+        user_text: str | None = None,
+        with_audio: bool = True,
+        history: list[dict[str, str]] | None = None,
+    ) -> list[int]:
+        """The prompt up to and including `<|im_start|>assistant\\n`: what inference feeds the model."""
+        ids, _ = self.encode(prompt_segments(out_type, instruction=instruction, user_text=user_text, with_audio=with_audio, history=history))
+        return ids
+
+
+def prompt_segments(
+    out_type: str,
+    *,
+    instruction: str | None = None,
+    user_text: str | None = None,
+    with_audio: bool = True,
+    history: list[dict[str, str]] | None = None,
+) -> list[Segment]:
+    """System prompt, earlier turns, then the user turn: [instruction][user_text][<|audio|>]."""
+    if out_type not in SYSTEM_PROMPTS:
+        raise ValueError(f"unknown output type {out_type!r}; known: {', '.join(SYSTEM_PROMPTS)}")
+    segs = [Segment(f"{IM_START}system\n{SYSTEM_PROMPTS[out_type]}{IM_END}\n")]
+    for turn in history or []:
+        role = turn.get("role")
+        if role not in ("user", "assistant"):
+            raise ValueError(f"history turn role must be 'user' or 'assistant', not {role!r}")
+        segs.append(Segment(f"{IM_START}{role}\n"))
+        segs.append(Segment(turn.get("text") or ""))
+        segs.append(Segment(f"{IM_END}\n"))
+    segs.append(Segment(f"{IM_START}user\n"))
+    if instruction:
+        segs.append(Segment(instruction))
+    if user_text:
+        segs.append(Segment(user_text))
+    if with_audio:
+        segs.append(Segment(AUDIO))
+    segs.append(Segment(f"{IM_END}\n{IM_START}assistant\n"))
+    return [s for s in segs if s.text]
+
+
+def _single_token_id(tokenizer: Any, token: str) -> int | None:
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    return int(ids[0]) if len(ids) == 1 else None

@@ -1,0 +1,299 @@
+"""One corpus record -> the training samples it supports, as token ids with their loss mask.
+
+A record is a dict with the fields of schemas/record.py. The reader adds two working keys:
+`_audio` (an `AudioRef` to the user's speech, undecoded) and `_num_samples` (its length at 16 kHz).
+
+Tasks and what a record needs for each (a record emits only the tasks it supports):
+
+    <TRANSCRIBE>                      speech, transcript              -> transcript
+    <TRANSCRIBE> <ALIGN>              speech, transcript, words       -> `<0.0>so<0.3> <0.3>tired<0.8>`
+    <EMOTION> <GENDER> <AGE> <STYLE>  speech, the label (known, score -> `<SAD>`
+    <CAPTION>                         >= min_label_score); events     -> `<COUGH>` (every event heard)
+    <AGE> <GENDER> ...                speech, each label              -> `<ADULT><FEMALE>`
+    <TRANSCRIBE> <X> [<Y> ...]        speech, transcript, each label  -> `I am so tired<SAD>`
+    <S2TCHAT>                         speech, reply                   -> reply
+    <S2TCHAT> <THINK>                 speech, reply, a reasoning form -> `<think>...<think end>reply`
+    <S2TCHAT> <TEXT2TOKEN> [<THINK>]  the above + reply speech tokens -> (reasoning +) reply, then speech
+    <TEXT2TOKEN>                      reply, reply speech tokens      -> speech only (text in the user turn)
+    <TEXT2TEXT>                       transcript, reply               -> reply (transcript in the user turn)
+    <HISTORY>                         speech, reply, earlier turns    -> reply (+ speech when tokens exist)
+
+Target spelling follows OSUM: labels upper case in angle brackets right after the transcript with no
+space (OSUM's `process_text` deletes the spaces around `<` and `>`), `vocab.osum_label`. Word
+timestamps follow the instructions OSUM trains `<TRANSCRIBE> <ALIGN>` with ("add a timestamp before
+and after each word, in <>, to 0.1 s"): start and end of each word, in seconds with one decimal.
+
+Each task's weight is the expected number of samples it yields per supporting record per epoch
+(1.0: every record once; 0.25: a quarter of them; 2.0: twice, with different instructions). All
+random choices (which records, which instruction, which reasoning form) come from a generator
+seeded by (seed, epoch, record id, task, copy), so a record yields the same samples whichever worker
+reads it and in whatever order: the basis of exact resumption.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from echat.model import prompts
+from echat.model.features import AudioRef, num_frames
+from echat.model.prompts import Segment
+from echat.schemas import vocab
+
+log = logging.getLogger(__name__)
+
+SPEECH_CODES = 4096  # CosyVoice 25 Hz codes are 0..4095
+# Mel frames (100 Hz) per LLM position: the Whisper conv halves them, the adapter's strides 2 and 2
+# quarter them again (12.5 Hz), DESIGN.md "The model package".
+FRAMES_PER_POSITION = 8
+LABEL_VOCAB = {"emotion": vocab.EMOTIONS, "gender": vocab.GENDERS, "age": vocab.AGES, "style": vocab.STYLES, "events": vocab.EVENTS}
+
+
+@dataclass
+class Sample:
+    """One training sample before collation: the model's inputs and targets for one task."""
+
+    key: str  # record id
+    task: str
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where not trained
+    audio: AudioRef | None  # None: no speech input (then input_ids hold no <|audio|>)
+    num_frames: int  # mel frames of the audio, 0 without
+    speech_tokens: list[int] = field(default_factory=list)  # target speech codes, empty for text output
+
+    @property
+    def seq_len(self) -> int:
+        """About the LLM's sequence length: tokens, the speech positions the model splices in for
+        the one <|audio|> token (12.5 per second: 8 mel frames each), and the speech targets."""
+        return len(self.input_ids) + self.num_frames // FRAMES_PER_POSITION + len(self.speech_tokens)
+
+
+def align_text(words: list[dict[str, Any]], language: str | None = None) -> str:
+    """`<start>word<end>` per word, seconds to 0.1 s; words joined by a space (none for Chinese)."""
+    joiner = "" if language == "zh" else " "
+    return joiner.join(f"<{float(w['start']):.1f}>{str(w['word']).strip()}<{float(w['end']):.1f}>" for w in words)
+
+
+def _clean(text: Any) -> str | None:
+    if not isinstance(text, str):
+        return None
+    text = text.strip()
+    return text or None
+
+
+class SampleBuilder:
+    """Builds the samples of a record for the tasks the caller asked for.
+
+    tasks: task tag -> weight (see the module docstring); tags as in schemas/vocab.py TASK_TAGS,
+    or any `[<TRANSCRIBE>] <LABEL> [<LABEL> ...]` combination that has instructions.
+    think_text_ratio: share of reasoning samples given the natural-language form rather than the tag
+    form (when a record has both). min_label_score: a label below this score does not make a label
+    task. chat_instruction_ratio: share of dialogue/TTS samples whose user turn also gets an
+    instruction (OSUM-EChat: none). instructions: a folder of instruction YAMLs or a loaded table.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        tasks: dict[str, float],
+        *,
+        think_text_ratio: float = 0.5,
+        min_label_score: float = 0.0,
+        chat_instruction_ratio: float = 0.0,
+        instructions: str | Path | dict[str, tuple[str, ...]] | None = None,
+        seed: int = 0,
+    ):
+        if not tasks:
+            raise ValueError("name at least one task")
+        for name, value in (("think_text_ratio", think_text_ratio), ("chat_instruction_ratio", chat_instruction_ratio)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, not {value}")
+        table = instructions if isinstance(instructions, dict) else prompts.load_instructions(instructions)
+        self.tasks: dict[str, float] = {}
+        for raw, weight in tasks.items():
+            task = prompts.normalize_task(raw)
+            if not prompts.is_known_task(task):
+                raise ValueError(
+                    f"unknown task {raw!r}: use one of {', '.join(vocab.TASK_TAGS)} "
+                    "or an optional <TRANSCRIBE> followed by label tags (<EMOTION> <GENDER> <AGE> <STYLE> <CAPTION>)"
+                )
+            if not (isinstance(weight, (int, float)) and weight > 0 and math.isfinite(weight)):
+                raise ValueError(f"the weight of {raw!r} must be a positive number, not {weight!r}")
+            needs_instruction = task not in prompts.CHAT_TASKS or chat_instruction_ratio > 0
+            if needs_instruction and task not in table:
+                raise ValueError(f"no instructions for task {task!r}: add a list for it to an instructions YAML")
+            if task in self.tasks:
+                raise ValueError(f"task {task!r} is given twice")
+            self.tasks[task] = float(weight)
+        self.instructions = table
+        self.think_text_ratio = think_text_ratio
+        self.min_label_score = min_label_score
+        self.chat_instruction_ratio = chat_instruction_ratio
+        self.seed = seed
+        self.encoder = prompts.ChatEncoder(tokenizer)
+
+    # ------------------------------------------------------------------ what a record supports
+
+    def supported_tasks(self, record: dict[str, Any]) -> list[str]:
+        return [task for task in self.tasks if self.supports(record, task)]
+
+    def supports(self, record: dict[str, Any], task: str) -> bool:
+        has_audio = record.get("_audio") is not None and record.get("_num_samples", 0) > 0
+        transcript = _clean(record.get("transcript"))
+        reply = _clean(record.get("reply_text"))
+        if task == prompts.TRANSCRIBE:
+            return has_audio and transcript is not None
+        if task == f"{prompts.TRANSCRIBE} {prompts.ALIGN}":
+            return has_audio and transcript is not None and self._words(record) is not None
+        if prompts.is_label_task(task):
+            tags = task.split()
+            if tags[0] == prompts.TRANSCRIBE and transcript is None:
+                return False
+            return has_audio and all(self._label(record, prompts.LABEL_TAGS[t]) is not None for t in tags if t != prompts.TRANSCRIBE)
+        if task == "<TEXT2TOKEN>":
+            return reply is not None and self._speech_tokens(record) is not None
+        if task == "<TEXT2TEXT>":
+            return transcript is not None and reply is not None
+        if not (has_audio and reply is not None):
+            return False
+        if task == "<S2TCHAT>":
+            return True
+        if task == "<S2TCHAT> <THINK>":
+            return self._has_think(record)
+        if task == "<S2TCHAT> <TEXT2TOKEN>":
+            return self._speech_tokens(record) is not None
+        if task == "<S2TCHAT> <TEXT2TOKEN> <THINK>":
+            return self._speech_tokens(record) is not None and self._has_think(record)
+        if task == "<HISTORY>":
+            return bool(self._history(record))
+        raise ValueError(f"unknown task {task!r}")
+
+    def _label(self, record: dict[str, Any], name: str) -> str | None:
+        """The OSUM target of a label (`<SAD>`, `<LAUGH><COUGH>`), or None if unknown or unsure."""
+        score = record.get(f"{name}_score")
+        if score is not None and score < self.min_label_score:
+            return None
+        value = record.get(name)
+        if name == "events":
+            events = [e for e in (value or []) if e in LABEL_VOCAB["events"]]
+            return "".join(vocab.osum_label(e) for e in events) if events else None
+        if value not in LABEL_VOCAB[name]:
+            return None
+        return vocab.osum_label(value)
+
+    @staticmethod
+    def _words(record: dict[str, Any]) -> list[dict[str, Any]] | None:
+        words = record.get("words")
+        if not words:
+            return None
+        for w in words:
+            if not _clean(w.get("word")) or w.get("start") is None or w.get("end") is None:
+                return None
+        return list(words)
+
+    @staticmethod
+    def _has_think(record: dict[str, Any]) -> bool:
+        return _clean(record.get("think_tags")) is not None or _clean(record.get("think_text")) is not None
+
+    @staticmethod
+    def _speech_tokens(record: dict[str, Any]) -> list[int] | None:
+        tokens = record.get("reply_speech_tokens")
+        if tokens is None or len(tokens) == 0:
+            return None
+        tokens = [int(t) for t in tokens]
+        if min(tokens) < 0 or max(tokens) >= SPEECH_CODES:
+            log.warning("record %s: reply speech tokens outside 0..%d; its speech tasks are skipped", record.get("id"), SPEECH_CODES - 1)
+            return None
+        return tokens
+
+    @staticmethod
+    def _history(record: dict[str, Any]) -> list[dict[str, str]]:
+        turns = []
+        for turn in record.get("history") or []:
+            role, text = turn.get("role"), _clean(turn.get("text"))
+            if role in ("user", "assistant") and text:
+                turns.append({"role": role, "text": text})
+        return turns
+
+    # ------------------------------------------------------------------ building
+
+    def build(self, record: dict[str, Any], *, epoch: int = 0) -> list[Sample]:
+        """The samples this record yields in `epoch`: per supported task, 0 or more by its weight."""
+        key = str(record.get("id"))
+        rng = random.Random(f"{self.seed}|{epoch}|{key}")
+        samples = []
+        for task in self.supported_tasks(record):
+            weight = self.tasks[task]
+            copies = int(weight) + (1 if rng.random() < weight - int(weight) else 0)
+            for copy in range(copies):
+                task_rng = random.Random(f"{self.seed}|{epoch}|{key}|{task}|{copy}")
+                samples.append(self.build_task(record, task, task_rng))
+        return samples
+
+    def build_task(self, record: dict[str, Any], task: str, rng: random.Random) -> Sample:
+        """One sample of `task` (which the record must support)."""
+        task = prompts.normalize_task(task)
+        transcript = _clean(record.get("transcript"))
+        reply = _clean(record.get("reply_text"))
+        speech: list[int] = []
+        history: list[dict[str, str]] | None = None
+        user_text: str | None = None
+        with_audio = True
+        if task == prompts.TRANSCRIBE:
+            target = transcript
+        elif task == f"{prompts.TRANSCRIBE} {prompts.ALIGN}":
+            target = align_text(self._words(record) or [], record.get("language"))
+        elif prompts.is_label_task(task):
+            tags = task.split()
+            labels = "".join(self._label(record, prompts.LABEL_TAGS[t]) or "" for t in tags if t != prompts.TRANSCRIBE)
+            target = f"{transcript}{labels}" if tags[0] == prompts.TRANSCRIBE else labels
+        elif task == "<TEXT2TOKEN>":
+            target, user_text, with_audio = None, reply, False
+            speech = self._speech_tokens(record) or []
+        elif task == "<TEXT2TEXT>":
+            target, user_text, with_audio = reply, transcript, False
+        elif task == "<HISTORY>":
+            target, history = reply, self._history(record)
+            speech = self._speech_tokens(record) or []
+        else:  # the <S2TCHAT> family
+            target = reply
+            if "<THINK>" in task.split():
+                target = self._think(record, rng) + (reply or "")
+            if "<TEXT2TOKEN>" in task.split():
+                speech = self._speech_tokens(record) or []
+        if with_audio and target is None:
+            raise ValueError(f"record {record.get('id')!r} does not support task {task!r}")
+
+        instruction = None
+        if task not in prompts.CHAT_TASKS or rng.random() < self.chat_instruction_ratio:
+            instruction = rng.choice(self.instructions[task])
+        out_type = prompts.output_type(task, speech_target=bool(speech))
+        segments = prompts.prompt_segments(out_type, instruction=instruction, user_text=user_text, with_audio=with_audio, history=history)
+        if target is not None:
+            segments += prompts.target_segments(target)
+            segments.append(Segment(prompts.IM_END, train=True))
+        input_ids, labels = self.encoder.encode(segments)
+        frames = num_frames(record.get("_num_samples", 0)) if with_audio else 0
+        return Sample(
+            key=str(record.get("id")),
+            task=task,
+            input_ids=input_ids,
+            labels=labels,
+            audio=record.get("_audio") if with_audio else None,
+            num_frames=frames,
+            speech_tokens=speech,
+        )
+
+    def _think(self, record: dict[str, Any], rng: random.Random) -> str:
+        tags, text = _clean(record.get("think_tags")), _clean(record.get("think_text"))
+        draw = rng.random()  # drawn even when one form is missing, so the stream does not shift
+        chosen = (text if draw < self.think_text_ratio else tags) if tags and text else (tags or text)
+        if chosen is None:
+            raise ValueError(f"record {record.get('id')!r} has no reasoning trace")
+        if not chosen.startswith(prompts.THINK_START):
+            chosen = f"{prompts.THINK_START}{chosen}{prompts.THINK_END}"
+        return chosen
