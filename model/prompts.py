@@ -98,8 +98,6 @@ CHAT_TASKS = (
     "<TEXT2TEXT>",
     "<HISTORY>",
 )
-# Every single tag a task string may hold (the tokenizer has each as a special token).
-SINGLE_TAGS = tuple(dict.fromkeys(tag for task in vocab.TASK_TAGS for tag in task.split()))
 
 
 def normalize_task(task: str) -> str:

@@ -387,6 +387,7 @@ def test_a_shard_folder_reads_only_its_parquet_shards(corpus):
     files = resolve_files([corpus["folder"]])
     assert [Path(p).name for p, _ in files] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     assert len(plan_units(files)) == 5  # 3 + 2 row groups
+    assert resolve_files([corpus["folder"] + "/data/train-*-of-00002.parquet"]) == files
     records = _read_records(corpus["folder"])
     assert [r["id"] for r in records] == [f"rec{i:03d}" for i in range(10)]
     assert set(COLUMNS) <= set(record_schema.FIELD_NAMES)
@@ -596,7 +597,13 @@ def test_an_osum_raw_list_trains_like_a_shard(tokenizer, corpus, tmp_path, caplo
     raw.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\nnot json\n", encoding="utf-8")
     tasks = {"<TRANSCRIBE>": 1.0, "<EMOTION>": 1.0, "<S2TCHAT> <TEXT2TOKEN> <THINK>": 1.0, "<TEXT2TOKEN>": 1.0, "<GENDER>": 1.0}
     loader = build_dataloader([str(raw)], tokenizer, tasks=tasks, max_frames_per_batch=1000, shuffle_buffer=4, seed=1, epochs=1)
-    got = Counter((k, t) for b in loader for k, t in zip(b.keys, b.tasks))
+    batches = list(loader)
+    got = Counter((k, t) for b in batches for k, t in zip(b.keys, b.tasks))
+    think = next(
+        tokenizer.decode(b.input_ids[i][b.labels[i] != IGNORE_INDEX])
+        for b in batches for i, t in enumerate(b.tasks) if t == "<S2TCHAT> <TEXT2TOKEN> <THINK>"
+    )
+    assert think == "<think>She is tired.<think end>Take it easy.<|im_end|>"
     expected = Counter({(f"raw{i}", t): 1 for i in range(4) for t in ("<TRANSCRIBE>", "<S2TCHAT> <TEXT2TOKEN> <THINK>", "<TEXT2TOKEN>", "<GENDER>")})
     expected.update({("asr", "<TRANSCRIBE>"): 1, ("asr", "<EMOTION>"): 1})
     assert got == expected
