@@ -43,18 +43,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
+    from .config import ModelConfigError
+    from .data_sources import DataSourceError
+
     try:
         cfg = load_train_config(args.config, args.overrides)
-    except TrainConfigError as exc:
+        if args.out:
+            cfg.output_dir = args.out
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        train(cfg, resume=args.resume, stop_after=args.stop_after_steps)
+    except (TrainConfigError, CheckpointError, ModelConfigError, DataSourceError) as exc:
+        # A mistake in the config, the data paths or the checkpoint: the message says which.
         print(f"echat train: {exc}", file=sys.stderr)
         return 2
-    if args.out:
-        cfg.output_dir = args.out
-    if args.print_config:
-        print(cfg.to_yaml(), end="")
-        return 0
-    summary = train(cfg, resume=args.resume, stop_after=args.stop_after_steps)
-    return 0 if summary.completed or summary.stopped_early else 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -353,3 +353,25 @@ def test_torchrun_fsdp_two_processes(demo_shards, tmp_path):
     saved = torch.load(ckpt.resolve_checkpoint(out) / "model.pt", weights_only=True)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_the_next_step_and_exits_cleanly(demo_shards, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "echat.cli", "train", "--config", "tiny", "--set", f"data.train=[{demo_shards}]",
+           "--set", "run.max_steps=200", "--set", "checkpoint.every=1000", "--set", "log.every=1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert 3 <= last < 200 and f"stopped at step {last}" in stdout
+    assert ckpt.read_trainer_state(ckpt.resolve_checkpoint(out))["step"] == last
