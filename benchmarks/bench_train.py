@@ -51,6 +51,8 @@ def loader_alone(cfg, workers: int, batches: int) -> dict:
         cfg.data.train, tokenizer, tasks=cfg.data.tasks, num_workers=workers,
         max_frames_per_batch=cfg.data.max_frames_per_batch, shuffle_buffer=cfg.data.shuffle_buffer,
         seed=cfg.run.seed, think_text_ratio=cfg.data.think_text_ratio, epochs=None,
+        max_tokens_per_batch=cfg.data.max_tokens_per_batch, sort_window=cfg.data.sort_window,
+        min_label_score=cfg.data.min_label_score, chat_instruction_ratio=cfg.data.chat_instruction_ratio,
     )
     it = iter(loader)
     started = time.perf_counter()

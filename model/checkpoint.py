@@ -162,9 +162,10 @@ def save_checkpoint(
     # Gathering the full state is collective under FSDP, so every rank takes part.
     model_state, optim_state = get_state_dict(model, optimizer, options=_state_dict_options(inputs.weights))
     if ctx.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a crash during an earlier save
-        tmp.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step-*"):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
     distributed.barrier(ctx)
 
     torch.save({"rng": capture_rng(), "data": inputs.rank_state, "step": step}, tmp / f"rank-{ctx.rank:05d}.pt")

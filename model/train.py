@@ -161,7 +161,8 @@ class MetricsLog:
                   f"{metrics['samples_per_s']:.1f} samples/s", f"{metrics['frames_per_s']:.0f} frames/s",
                   f"data wait {100 * metrics['data_wait_frac']:.0f}%"]
         if eta_s is not None:
-            parts.append(f"eta {time.strftime('%H:%M:%S', time.gmtime(eta_s))}")
+            minutes, seconds = divmod(int(eta_s), 60)
+            parts.append(f"eta {minutes // 60}:{minutes % 60:02d}:{seconds:02d}")
         print(" | ".join(parts), flush=True)
 
     def info(self, message: str) -> None:
@@ -314,6 +315,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_after: int | None
             num_workers=cfg.data.num_workers, max_frames_per_batch=cfg.data.max_frames_per_batch,
             shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.run.seed,
             think_text_ratio=cfg.data.think_text_ratio, epochs=cfg.data.epochs,
+            max_tokens_per_batch=cfg.data.max_tokens_per_batch, sort_window=cfg.data.sort_window,
+            min_label_score=cfg.data.min_label_score, chat_instruction_ratio=cfg.data.chat_instruction_ratio,
+            pin_memory=ctx.device.type == "cuda",
         )
 
         step = start_step = 0

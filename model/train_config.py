@@ -54,10 +54,18 @@ class DataSection(_Strict):
     # schemas/vocab.py TASK_TAGS; model/samples.py says what each task needs from a record.
     tasks: dict[str, float]
     max_frames_per_batch: int = 3000  # dynamic batches: mel frames (100 per second) per batch
+    # Optional cap on batch size x longest LLM sequence (tokens + speech positions + speech
+    # targets): bounds the memory of batches of long text-only samples.
+    max_tokens_per_batch: int | None = None
+    sort_window: int = 500  # samples sorted by length together to form batches
     shuffle_buffer: int = 500
     num_workers: int = 2
     # Share of <THINK> samples that get the natural-language reasoning instead of the tag form.
     think_text_ratio: float = 0.5
+    # A label scored below this does not make a label task (heuristic labels score low).
+    min_label_score: float = 0.0
+    # Share of dialogue/TTS samples whose user turn also carries a task instruction.
+    chat_instruction_ratio: float = 0.0
     # Passes over the shards; null cycles forever and run.max_steps ends the run.
     epochs: int | None = None
 
@@ -78,11 +86,18 @@ class DataSection(_Strict):
             raise ValueError(f"mixing weights must be positive: {', '.join(bad)}")
         return v
 
-    @field_validator("max_frames_per_batch")
+    @field_validator("max_frames_per_batch", "max_tokens_per_batch", "sort_window")
     @classmethod
-    def _positive(cls, v: int) -> int:
-        if v <= 0:
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
             raise ValueError("must be positive")
+        return v
+
+    @field_validator("think_text_ratio", "min_label_score", "chat_instruction_ratio")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be between 0 and 1")
         return v
 
     @field_validator("shuffle_buffer", "num_workers")
