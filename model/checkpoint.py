@@ -3,8 +3,9 @@
 Layout of one checkpoint (a run's `OUT/checkpoints/step-0000120/`):
 
     trainer_state.json   step, world size, weights kind ("full" | "trainable"), counters, versions
-    model.pt             model state dict (torch.save; all of it, or only the trainable
-                         parameters for LoRA runs), unsharded even when trained with FSDP
+    model.pt             model state dict (torch.save), unsharded even when trained with FSDP: all
+                         of it ("full"), or for LoRA runs ("trainable") the trainable parameters
+                         and the new modules the pretrained weights lack (weights_to_keep)
     optimizer.pt         AdamW state keyed by parameter name (torch.distributed.checkpoint's
                          get_state_dict), so it reloads under DDP, FSDP or one process
     scheduler.pt         learning-rate scheduler state
@@ -130,17 +131,32 @@ class SaveInputs:
     """Everything beyond model/optimiser/scheduler that a checkpoint records."""
 
     train_config_yaml: str
-    model_config_yaml: str
-    weights: str  # "full" | "trainable"
+    model_config: Any  # config.ModelConfig
+    weights: str  # "full" | "trainable" (see weights_to_keep)
     counters: dict[str, Any]  # samples_seen, frames_seen ... (rank-global)
     rank_state: dict[str, Any]  # this rank's data-loader state (its RNG is captured here)
     tokenizer: Any = None
 
 
-def _state_dict_options(weights: str, **extra):
+def _state_dict_options(**extra):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=weights == "trainable", **extra)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **extra)
+
+
+def weights_to_keep(model: nn.Module, model_config: Any) -> set[str]:
+    """Parameter names a "trainable" checkpoint holds: every trainable parameter, and every
+    parameter that the pretrained weights named by the model config do not provide (the adapter,
+    speech embeddings and heads, LoRA: new modules, randomly initialised, frozen or not). With
+    those, rebuilding with load_weights=True and laying the checkpoint over it restores the model."""
+    from .osum import group_of
+
+    if model_config.checkpoint is not None:  # a whole-model checkpoint provides every group
+        pretrained = {group_of(name) for name, _ in model.named_parameters()}
+    else:
+        pretrained = {group for group, source in (("encoder", model_config.encoder.name_or_path),
+                                                  ("llm", model_config.llm.name_or_path)) if source}
+    return {name for name, p in model.named_parameters() if p.requires_grad or group_of(name) not in pretrained}
 
 
 def save_checkpoint(
@@ -160,7 +176,10 @@ def save_checkpoint(
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
     # Gathering the full state is collective under FSDP, so every rank takes part.
-    model_state, optim_state = get_state_dict(model, optimizer, options=_state_dict_options(inputs.weights))
+    model_state, optim_state = get_state_dict(model, optimizer, options=_state_dict_options())
+    if inputs.weights == "trainable":
+        keep = weights_to_keep(distributed.unwrap(model), inputs.model_config)
+        model_state = {name: value for name, value in model_state.items() if name in keep}
     if ctx.is_main:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-step-*"):  # left by a crash during an earlier save
@@ -174,7 +193,7 @@ def save_checkpoint(
         torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "train_config.yaml").write_text(inputs.train_config_yaml, encoding="utf-8")
-        (tmp / "model_config.yaml").write_text(inputs.model_config_yaml, encoding="utf-8")
+        (tmp / "model_config.yaml").write_text(inputs.model_config.to_yaml(), encoding="utf-8")
         if inputs.tokenizer is not None and hasattr(inputs.tokenizer, "save_pretrained"):
             inputs.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         state = {
@@ -232,10 +251,10 @@ def load_training_state(
         )
     model_state = torch.load(checkpoint / "model.pt", map_location="cpu", weights_only=True, mmap=True)
     optim_state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
-    set_model_state_dict(model, model_state, options=_state_dict_options(trainer["weights"], strict=trainer["weights"] == "full"))
+    set_model_state_dict(model, model_state, options=_state_dict_options(strict=trainer["weights"] == "full"))
     # Not strict: AdamW has no state for a trainable parameter that has not had a gradient yet
     # (the speech head before the first batch with speech targets).
-    set_optimizer_state_dict(model, optimizer, optim_state, options=_state_dict_options(trainer["weights"], strict=False))
+    set_optimizer_state_dict(model, optimizer, optim_state, options=_state_dict_options(strict=False))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     rank_file = checkpoint / f"rank-{ctx.rank:05d}.pt"
     if not rank_file.is_file():

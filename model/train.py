@@ -368,7 +368,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_after: int | None
         def save(at_step: int) -> Path:
             path = ckpt.save_checkpoint(
                 out, at_step, wrapped, optimizer, scheduler, ctx,
-                ckpt.SaveInputs(train_config_yaml=cfg.to_yaml(), model_config_yaml=model_config.to_yaml(),
+                ckpt.SaveInputs(train_config_yaml=cfg.to_yaml(), model_config=model_config,
                                 weights=cfg.checkpoint.weights, counters=dict(counters),
                                 rank_state=loader.state_dict(), tokenizer=tokenizer),
                 keep_last=cfg.checkpoint.keep_last,

@@ -375,3 +375,58 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_cleanly(demo_shards, tmp
     last = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert 3 <= last < 200 and f"stopped at step {last}" in stdout
     assert ckpt.read_trainer_state(ckpt.resolve_checkpoint(out))["step"] == last
+
+
+def _lora_model_config(tmp_path: Path) -> Path:
+    """The tiny architecture as a LoRA config (like `osum`) over 'pretrained' parts: a tiny Whisper
+    encoder and Qwen2 LM built through transformers' own classes and saved locally, so that
+    `load_weights` takes the same path as a hub id."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from echat.model.encoder import build_encoder
+
+    data = yaml.safe_load((REPO / "model/configs/tiny.yaml").read_text())
+    enc_dir, llm_dir = tmp_path / "whisper-tiny-random", tmp_path / "qwen2-tiny-random"
+    build_encoder(data["encoder"]["architecture"]).save_pretrained(enc_dir)
+    arch = dict(data["llm"]["architecture"])
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(arch.pop("model_type"), **arch)).save_pretrained(llm_dir)
+    data["name"] = "tiny-lora"
+    data["encoder"]["name_or_path"] = str(enc_dir)
+    data["llm"]["name_or_path"] = str(llm_dir)
+    data["llm"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
+    data["stages"] = {"understanding": ["encoder", "adapter", "speech_bounds", "lora"],
+                      "generation": ["lora", "speech_embed", "speech_head"], "empathy": ["lora"]}
+    path = tmp_path / "tiny-lora.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.slow
+def test_lora_run_saves_trainable_weights_and_reloads_over_the_pretrained_base(demo_shards, tmp_path):
+    import torch
+
+    from echat.model.osum import build_model
+    from echat.model.train import train
+
+    model_cfg = _lora_model_config(tmp_path)
+    common = [f"model.config={model_cfg}", "model.load_weights=true", "model.stage=understanding",
+              "checkpoint.weights=trainable", "run.max_steps=6", "checkpoint.every=3", "log.every=1"]
+    whole = train(_tiny(demo_shards, tmp_path / "whole", *common))
+    part = train(_tiny(demo_shards, tmp_path / "parts", *common), stop_after=3)
+    rest = train(_tiny(demo_shards, tmp_path / "parts", *common), resume="latest")
+    assert part.losses + rest.losses == whole.losses
+
+    step = ckpt.resolve_checkpoint(tmp_path / "whole")
+    saved = torch.load(step / "model.pt", weights_only=True)
+    assert saved and any(".lora_A." in k for k in saved) and not any(".base_layer." in k for k in saved)
+    assert not any(k.startswith("llm.") and ".lora_" not in k for k in saved)  # the frozen LLM is not saved
+    # The stage's trainable groups, plus the new modules the pretrained weights lack (frozen or not).
+    assert {k.split(".")[0] for k in saved} == {"encoder", "adapter", "speech_bounds", "llm", "speech_embed", "speech_head"}
+    assert "encoder.embed_positions.weight" not in saved  # frozen and pretrained
+
+    model, _, model_config = ckpt.load_for_inference(tmp_path / "whole", "cpu")
+    assert model_config.name == "tiny-lora"
+    base = build_model(model_config, load_weights=True).state_dict()  # the pretrained parts
+    for name, tensor in model.state_dict().items():
+        expected = saved[name] if name in saved else base[name]
+        assert torch.equal(tensor, expected), name
