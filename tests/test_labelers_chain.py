@@ -43,7 +43,8 @@ def test_chain_labels_files_and_accounts_for_everything(tmp_path):
     ]
     stages = [
         DecodeAudio(max_file_seconds=3600.0, max_channels=8),
-        SileroVAD(threshold=0.5, min_silence_s=0.3, merge_gap_s=0.8, min_segment_s=1.0, max_segment_s=30.0, pad_s=0.15),
+        SileroVAD(threshold=0.5, min_silence_s=0.3, merge_gap_s=0.8, min_segment_s=1.0, max_segment_s=30.0, pad_s=0.15,
+                  keep_transcribed_whole=False),  # exercise the split path: the transcript is dropped, ASR fills in
         PocketsphinxASR(),
         PitchGender(),
         HeuristicEmotion(),
