@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from echat.settings import validation_problems
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -243,21 +244,8 @@ def config_from_dict(data: Any, source: str = "<dict>") -> ModelConfig:
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as exc:
-        raise ModelConfigError(f"{source}: {_describe(exc)}") from None
+        raise ModelConfigError(f"{source}: " + "; ".join(validation_problems(exc))) from None
 
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key {loc!r}")
-        elif err["type"] == "missing":
-            parts.append(f"missing key {loc!r}")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
 
 
 # Names the trainer's glue expects (model_io): same functions.

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from echat.settings import apply_override, describe_validation_error
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # `set_trainable` stage names of the recipe (DESIGN.md "The model package"); None trains everything.
@@ -247,33 +248,19 @@ def resolve(name_or_path: str) -> Path:
     return candidate
 
 
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key.strip():
-        raise TrainConfigError(f"--set expects dotted.key=value, got {assignment!r}")
-    parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise TrainConfigError(f"--set {key}: {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-
-
 def parse_config(data: Any, overrides: list[str] | tuple[str, ...] = (), where: str = "config") -> TrainConfig:
     """Validate a config mapping (after applying `--set` overrides); errors name every bad key."""
     if not isinstance(data, dict):
         raise TrainConfigError(f"{where}: a training config is a YAML mapping")
     for assignment in overrides:
-        apply_override(data, assignment)
+        try:
+            apply_override(data, assignment)
+        except ValueError as exc:
+            raise TrainConfigError(str(exc)) from None
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        raise TrainConfigError(f"invalid training config {where}:\n{_describe(exc)}") from None
+        raise TrainConfigError(f"invalid training config {where}:\n{describe_validation_error(exc)}") from None
 
 
 def load_train_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -281,15 +268,3 @@ def load_train_config(name_or_path: str, overrides: list[str] | tuple[str, ...] 
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     return parse_config(data, overrides, where=str(path))
 
-
-def _describe(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            lines.append(f"  unknown key {where!r}")
-        elif err["type"] == "missing":
-            lines.append(f"  missing key {where!r}")
-        else:
-            lines.append(f"  {where or '(top level)'}: {err['msg']}")
-    return "\n".join(lines)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
+from echat.settings import apply_override, describe_validation_error
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import backends
@@ -128,48 +129,23 @@ def resolve(name_or_path: str) -> Path:
     return candidate
 
 
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key:
-        raise ProfileError(f"--set expects dotted.key=value, got {assignment!r}")
-    parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ProfileError(f"--set {key}: {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-
-
 def load_profile(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Profile:
     path = resolve(name_or_path)
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: a profile is a YAML mapping")
     for assignment in overrides:
-        apply_override(data, assignment)
+        try:
+            apply_override(data, assignment)
+        except ValueError as exc:
+            raise ProfileError(str(exc)) from None
     try:
         profile = Profile.model_validate(data)
     except ValidationError as exc:
-        raise ProfileError(f"invalid profile {path}:\n{_describe(exc)}") from None
+        raise ProfileError(f"invalid profile {path}:\n{describe_validation_error(exc)}") from None
     for stage, choice in profile.stage_choices():
         try:
             backends.check_params(stage, choice.backend, choice.params, where=stage)
         except backends.BackendError as exc:
             raise ProfileError(f"invalid profile {path}: {exc}") from None
     return profile
-
-
-def _describe(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            lines.append(f"  unknown key {where!r}")
-        else:
-            lines.append(f"  {where}: {err['msg']}")
-    return "\n".join(lines)

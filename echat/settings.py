@@ -1,0 +1,52 @@
+"""What run profiles (pipelines/) and training configs (model/) share: strict YAML settings.
+
+Both are YAML validated by pydantic with unknown keys forbidden, and both take command-line
+overrides `--set dotted.key=value`. These two helpers are that shared part; each caller wraps the
+errors in its own exception type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value` override to `data` in place; the value is parsed as YAML.
+
+    Raises ValueError for an assignment without `=` or one that walks into a value.
+    """
+    import yaml
+
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set expects dotted.key=value, got {assignment!r}")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ValueError(f"--set {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def validation_problems(exc) -> list[str]:
+    """A pydantic ValidationError as one line per problem, each naming its key."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            problems.append(f"unknown key {where!r}")
+        elif err["type"] == "missing":
+            problems.append(f"missing key {where!r}")
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message}" if where else message)
+    return problems
+
+
+def describe_validation_error(exc) -> str:
+    """The problems of a ValidationError as an indented block, one per line."""
+    return "\n".join(f"  {problem}" for problem in validation_problems(exc))
