@@ -7,6 +7,7 @@ errors in its own exception type.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -50,3 +51,20 @@ def validation_problems(exc) -> list[str]:
 def describe_validation_error(exc) -> str:
     """The problems of a ValidationError as an indented block, one per line."""
     return "\n".join(f"  {problem}" for problem in validation_problems(exc))
+
+
+def resolve_named_yaml(name_or_path: str, folder: Path, what: str) -> Path:
+    """A YAML file given by path, or by name from `folder` (`local` -> folder/local.yaml).
+
+    Raises LookupError saying what is missing, listing the names `folder` offers.
+    """
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise LookupError(f"{what} file not found: {path}")
+        return path
+    candidate = folder / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        available = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise LookupError(f"unknown {what} {str(name_or_path)!r}; available: {available}")
+    return candidate

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from echat.settings import validation_problems
+from echat.settings import resolve_named_yaml, validation_problems
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -208,22 +208,11 @@ def _known_config_fields(model_type: str) -> frozenset[str]:
     return _FIELDS_CACHE[model_type]
 
 
-def bundled_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ModelConfigError(f"model config file not found: {path}")
-        return path
-    bundled = CONFIG_DIR / f"{name_or_path}.yaml"
-    if bundled.is_file():
-        return bundled
-    raise ModelConfigError(
-        f"no model config {str(name_or_path)!r}: not a file, and not a bundled name ({', '.join(bundled_configs())})"
-    )
+    try:
+        return resolve_named_yaml(str(name_or_path), CONFIG_DIR, "model config")
+    except LookupError as exc:
+        raise ModelConfigError(str(exc)) from None
 
 
 def load_config(name_or_path: str | Path | ModelConfig) -> ModelConfig:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from echat.settings import apply_override, describe_validation_error
+from echat.settings import apply_override, describe_validation_error, resolve_named_yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # `set_trainable` stage names of the recipe (DESIGN.md "The model package"); None trains everything.
@@ -229,23 +229,12 @@ def configs_dir() -> Path:
     return Path(str(resources.files("echat.model"))) / "configs" / "train"
 
 
-def available_configs() -> list[str]:
-    return sorted(p.stem for p in configs_dir().glob("*.yaml"))
-
-
 def resolve(name_or_path: str) -> Path:
     """A config name from model/configs/train/ (`tiny`) or a path to a YAML file."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise TrainConfigError(f"training config not found: {path}")
-        return path
-    candidate = configs_dir() / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        raise TrainConfigError(
-            f"unknown training config {name_or_path!r}; available: {', '.join(available_configs())}"
-        )
-    return candidate
+    try:
+        return resolve_named_yaml(name_or_path, configs_dir(), "training config")
+    except LookupError as exc:
+        raise TrainConfigError(str(exc)) from None
 
 
 def parse_config(data: Any, overrides: list[str] | tuple[str, ...] = (), where: str = "config") -> TrainConfig:

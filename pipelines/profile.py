@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
-from echat.settings import apply_override, describe_validation_error
+from echat.settings import apply_override, describe_validation_error, resolve_named_yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import backends
@@ -118,15 +118,10 @@ def available_profiles() -> list[str]:
 
 def resolve(name_or_path: str) -> Path:
     """A profile name from configs/ (`local`) or a path to a YAML file."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ProfileError(f"profile file not found: {path}")
-        return path
-    candidate = configs_dir() / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        raise ProfileError(f"unknown profile {name_or_path!r}; available: {', '.join(available_profiles())}")
-    return candidate
+    try:
+        return resolve_named_yaml(name_or_path, configs_dir(), "profile")
+    except LookupError as exc:
+        raise ProfileError(str(exc)) from None
 
 
 def load_profile(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Profile:

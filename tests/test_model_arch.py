@@ -117,7 +117,7 @@ def test_model_info_table_and_bad_config(capsys, tmp_path):
     assert "speech head" in out and "total" in out and "understanding" in out
     assert "3,460,333,569" in out
     assert main(["model-info", "--config", "no-such-config"]) == 2
-    assert "no model config" in capsys.readouterr().err
+    assert "unknown model config 'no-such-config'; available: osum" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text(load_config("tiny").to_yaml().replace("num_blocks: 1", "num_blocks: 1\n  num_blokcs: 2"))
     assert main(["model-info", "--config", str(bad)]) == 2
