@@ -179,3 +179,24 @@ def test_cli_refuses_to_overwrite_without_flag(hostile_build):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
+
+
+def test_folder_input_transcribes_with_pocketsphinx(demo_corpus, tmp_path):
+    """No manifest: files are found recursively, English transcripts come from pocketsphinx."""
+    manifest = [json.loads(line) for line in (demo_corpus / "manifest.jsonl").read_text().splitlines()]
+    english = [e for e in manifest if e["language"] == "en"][:3]
+    folder = tmp_path / "in"
+    for i, entry in enumerate(english):
+        target = folder / f"speaker{i}" / Path(entry["path"]).name
+        target.parent.mkdir(parents=True)
+        shutil.copy(demo_corpus / entry["path"], target)
+    (folder / "README.txt").write_text("not audio")
+    summary = build(load_profile("local"), str(folder), str(tmp_path / "out"), overwrite=True)
+    assert summary["reconciliation"]["ok"] and summary["non_audio_files_skipped"] == 1
+    rows = _rows(tmp_path / "out")
+    assert {Path(r["source_uri"]).name for r in rows} == {Path(e["path"]).name for e in english}
+    for r in rows:
+        assert r["transcript_origin"].startswith("pocketsphinx") and r["transcript"].strip()
+        assert r["language"] == "en" and r["language_origin"] == "assumed"
+        assert r["words"] and 0 < r["transcript_confidence"] <= 1
+        assert r["gender_model"] == "pitch-threshold-v1" and r["emotion_model"] == "heuristic-v1"
