@@ -43,10 +43,14 @@ def _version() -> str:
     return f"echat-forge {__version__}"
 
 
+_BEAM_IMPORT_NOISE = ("apitools not found", "google.cloud.bigquery_storage_v1")
+
+
 def _quiet_beam_import_warning(record) -> bool:
-    # apache_beam.io.gcp warns on import that BigQuery's client libraries are missing; nothing of
-    # ours uses BigQuery, and the warning reads as an error on the README's first command.
-    return "apitools not found" not in record.getMessage()
+    # apache_beam.io.gcp says on import that BigQuery's client libraries are missing; nothing of
+    # ours uses BigQuery, and the message reads as an error on the README's first command.
+    message = record.getMessage()
+    return not any(noise in message for noise in _BEAM_IMPORT_NOISE)
 
 
 def main(argv: list[str] | None = None) -> int:

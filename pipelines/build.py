@@ -89,9 +89,9 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     started = time.time()
     out = output.rstrip("/")
     data_dir, rejects_dir, work_dir = (FileSystems.join(out, d) for d in ("data", "rejects", "_work"))
-    _prepare_output(out, [data_dir, rejects_dir, work_dir], overwrite)
-
+    # The input is checked before the output is touched, so a mistyped input leaves nothing behind.
     listing = list_sources(input_path, dataset_name=profile.dataset_name, license=profile.license, trust_manifest=profile.trust_manifest)
+    _prepare_output(out, [data_dir, rejects_dir, work_dir], overwrite)
     records, source_rejects = _dedupe(listing.records)
     source_rejects += [r.to_dict() for r in listing.rejects]
     logging.getLogger("echat.build").info(

@@ -200,3 +200,12 @@ def test_folder_input_transcribes_with_pocketsphinx(demo_corpus, tmp_path):
         assert r["language"] == "en" and r["language_origin"] == "assumed"
         assert r["words"] and 0 < r["transcript_confidence"] <= 1
         assert r["gender_model"] == "pitch-threshold-v1" and r["emotion_model"] == "heuristic-v1"
+
+
+def test_missing_input_leaves_no_output_behind(tmp_path):
+    out = tmp_path / "out"
+    for missing in (tmp_path / "nope", tmp_path / "nope.jsonl"):
+        proc = subprocess.run([sys.executable, "-m", "echat.cli", "build", "--input", str(missing), "--output", str(out)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "not found" in proc.stderr and str(missing) in proc.stderr
+    assert not out.exists()
