@@ -146,9 +146,9 @@ def _apply_manifest_fields(record: dict[str, Any], row: dict[str, Any]) -> str |
         else:
             record.update({name: normalised, f"{name}_score": 1.0, f"{name}_model": "manifest"})
     events = row.get("events")
-    if events:
-        if isinstance(events, str):
-            events = [e.strip() for e in events.replace(";", ",").split(",") if e.strip()]
+    if isinstance(events, str):  # CSV: "cough;laugh"; an empty cell says nothing
+        events = [e.strip() for e in events.replace(";", ",").split(",") if e.strip()] or None
+    if events is not None:  # an explicit empty list is ground truth too: nothing was heard
         bad = [e for e in events if e not in vocab.EVENTS]
         if bad:
             return f"events {bad} not in {', '.join(vocab.EVENTS)}"

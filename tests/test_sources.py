@@ -29,19 +29,21 @@ def test_jsonl_manifest_fields_and_relative_paths(tmp_path):
         {"path": "audio/one.wav", "text": "I lost my keys", "language": "English", "speaker": "s1",
          "gender": "F", "emotion": "sad", "events": ["cough"]},
         {"wav": "/abs/two.wav"},
+        {"path": "four.wav", "events": []},  # nothing heard: a label, not a missing one
         {"audio": "three.wav", "emotion": "furious"},  # not in the vocabulary
         {"text": "no path here"},
     ]
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
     listing = list_sources(str(manifest), dataset_name="d", license=None)
-    first, second = listing.records
+    first, second, fourth = listing.records
+    assert fourth["events"] == [] and fourth["events_model"] == "manifest"
     assert first["source_uri"] == str(tmp_path / "audio" / "one.wav")
     assert first["transcript"] == "I lost my keys" and first["transcript_origin"] == "manifest"
     assert first["language"] == "en" and first["language_origin"] == "manifest"
     assert (first["gender"], first["gender_model"], first["gender_score"]) == ("female", "manifest", 1.0)
     assert first["emotion"] == "sad" and first["events"] == ["cough"]
-    assert second["source_uri"] == "/abs/two.wav" and "transcript" not in second
+    assert second["source_uri"] == "/abs/two.wav" and "transcript" not in second and "events" not in second
     reasons = sorted(r.reason for r in listing.rejects)
     assert reasons == ["invalid_label", "manifest_row_invalid", "manifest_row_invalid"]
     bad_label = next(r for r in listing.rejects if r.reason == "invalid_label")
