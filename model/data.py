@@ -159,29 +159,11 @@ def _collate(samples: list[Sample], extractor: LogMelExtractor, pad_id: int) -> 
             feats.append(extractor(decode_audio(s.audio)))
         except Exception as err:  # the header read fine when the record was read; the data did not
             raise RuntimeError(f"record {s.key}: cannot decode its audio {s.audio.describe()}: {err}") from err
-    n = len(samples)
-    max_t = max((f.shape[1] for f in feats if f is not None), default=0)
-    features = torch.zeros(n, extractor.n_mels, max_t, dtype=torch.float32)
-    feature_lengths = torch.zeros(n, dtype=torch.long)
-    for i, f in enumerate(feats):
-        if f is not None:
-            features[i, :, : f.shape[1]] = f
-            feature_lengths[i] = f.shape[1]
-    max_l = max(len(s.input_ids) for s in samples)
-    input_ids = torch.full((n, max_l), pad_id, dtype=torch.long)
-    labels = torch.full((n, max_l), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros(n, max_l, dtype=torch.long)
-    max_s = max(len(s.speech_tokens) for s in samples)
-    speech_tokens = torch.full((n, max_s), IGNORE_INDEX, dtype=torch.long)
-    speech_token_lengths = torch.zeros(n, dtype=torch.long)
-    for i, s in enumerate(samples):
-        length = len(s.input_ids)
-        input_ids[i, :length] = torch.tensor(s.input_ids, dtype=torch.long)
-        labels[i, :length] = torch.tensor(s.labels, dtype=torch.long)
-        attention_mask[i, :length] = 1
-        if s.speech_tokens:
-            speech_tokens[i, : len(s.speech_tokens)] = torch.tensor(s.speech_tokens, dtype=torch.long)
-            speech_token_lengths[i] = len(s.speech_tokens)
+    features, feature_lengths = pad_features(feats, extractor.n_mels)
+    input_ids, attention_mask = pad_sequences([s.input_ids for s in samples], pad_id)
+    labels, _ = pad_sequences([s.labels for s in samples], IGNORE_INDEX)
+    speech_tokens, _ = pad_sequences([s.speech_tokens for s in samples], IGNORE_INDEX)
+    speech_token_lengths = torch.tensor([len(s.speech_tokens) for s in samples], dtype=torch.long)
     return Batch(
         features=features,
         feature_lengths=feature_lengths,
@@ -193,6 +175,30 @@ def _collate(samples: list[Sample], extractor: LogMelExtractor, pad_id: int) -> 
         tasks=[s.task for s in samples],
         keys=[s.key for s in samples],
     )
+
+
+def pad_features(feats: list[torch.Tensor | None], n_mels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, n_mels, T) zero-padded log-mel and the valid frames per sample (0 for None)."""
+    max_t = max((f.shape[1] for f in feats if f is not None), default=0)
+    features = torch.zeros(len(feats), n_mels, max_t, dtype=torch.float32)
+    lengths = torch.zeros(len(feats), dtype=torch.long)
+    for i, f in enumerate(feats):
+        if f is not None:
+            features[i, :, : f.shape[1]] = f
+            lengths[i] = f.shape[1]
+    return features, lengths
+
+
+def pad_sequences(sequences: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) right-padded int64 ids and their (B, L) mask of real positions."""
+    max_l = max((len(s) for s in sequences), default=0)
+    padded = torch.full((len(sequences), max_l), pad_value, dtype=torch.long)
+    mask = torch.zeros(len(sequences), max_l, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            padded[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[i, : len(seq)] = 1
+    return padded, mask
 
 
 class ShardDataset(IterableDataset):

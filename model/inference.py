@@ -306,28 +306,18 @@ class Predictor:
         import torch
 
         from echat.model.batch import IGNORE_INDEX, Batch
+        from echat.model.data import pad_features, pad_sequences
 
         feats = [self.extractor(r.waveform) if r.waveform is not None else None for r in requests]
+        features, feature_lengths = pad_features(feats, self.extractor.n_mels)
+        input_ids, attention_mask = pad_sequences([r.prompt_ids for r in requests], self.encoder.pad_id)
         n = len(requests)
-        max_t = max((f.shape[1] for f in feats if f is not None), default=0)
-        features = torch.zeros(n, self.extractor.n_mels, max_t, dtype=torch.float32)
-        feature_lengths = torch.zeros(n, dtype=torch.long)
-        for i, f in enumerate(feats):
-            if f is not None:
-                features[i, :, : f.shape[1]] = f
-                feature_lengths[i] = f.shape[1]
-        max_l = max(len(r.prompt_ids) for r in requests)
-        input_ids = torch.full((n, max_l), self.encoder.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros(n, max_l, dtype=torch.long)
-        for i, r in enumerate(requests):
-            input_ids[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            attention_mask[i, : len(r.prompt_ids)] = 1
         return Batch(
             features=features,
             feature_lengths=feature_lengths,
             input_ids=input_ids,
             attention_mask=attention_mask,
-            labels=torch.full((n, max_l), IGNORE_INDEX, dtype=torch.long),
+            labels=torch.full(input_ids.shape, IGNORE_INDEX, dtype=torch.long),
             speech_tokens=torch.zeros(n, 0, dtype=torch.long),
             speech_token_lengths=torch.zeros(n, dtype=torch.long),
             keys=[r.key for r in requests],
