@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from echat.model.infer_cli import add_sampling_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint step folder, checkpoints folder or run folder")
@@ -34,11 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-think-tokens", type=int, default=256)
     parser.add_argument("--max-reply-tokens", type=int, default=256)
     parser.add_argument("--max-speech-tokens", type=int, default=1500)
-    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    add_sampling_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

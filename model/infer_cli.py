@@ -49,11 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-text-tokens", type=int, default=256)
     parser.add_argument("--max-speech-tokens", type=int, default=1500)
-    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    add_sampling_arguments(parser)
 
 
 def resolve_device(name: str) -> str:
@@ -75,6 +71,15 @@ def parse_tasks(values: list[str]) -> list[str]:
             if task not in tasks:
                 tasks.append(task)
     return tasks
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The decoding flags `echat infer` and `echat chat` share; `sampling_from` reads them."""
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
 
 
 def sampling_from(args: argparse.Namespace):
