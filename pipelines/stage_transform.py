@@ -58,6 +58,7 @@ class _StageDoFn(beam.DoFn):
         self.stage = self.spec.build()
         self.stage.setup()
         self._seen = 0
+        self._audio_s = 0.0
         self._busy = 0.0
         self._last_log = time.monotonic()
 
@@ -92,18 +93,22 @@ class _StageDoFn(beam.DoFn):
                     outputs.append(self.stage.reject(record, "stage_error", f"{type(exc).__name__}: {exc}"))
         spent = time.perf_counter() - start
         self.c_us.inc(int(spent * 1e6))
-        self.c_audio_ms.inc(int(_audio_seconds(records, outputs) * 1000))
-        self._progress(len(records), spent)
+        audio_s = _audio_seconds(records, outputs)
+        self.c_audio_ms.inc(int(audio_s * 1000))
+        self._progress(len(records), audio_s, spent)
         return outputs
 
-    def _progress(self, n: int, spent: float) -> None:
+    def _progress(self, n: int, audio_s: float, spent: float) -> None:
         self._seen += n
+        self._audio_s += audio_s
         self._busy += spent
         now = time.monotonic()
         if now - self._last_log >= self.PROGRESS_EVERY_S:
             self._last_log = now
             rate = self._seen / self._busy if self._busy else 0.0
-            _log.info("[%s] worker %d: %d elements, %.1f/s busy", self.spec.stage, os.getpid(), self._seen, rate)
+            xrt = self._audio_s / self._busy if self._busy else 0.0
+            _log.info("[%s] worker %d: %d elements (%.2f audio hours), %.1f elements/s and %.0fx real time while busy",
+                      self.spec.stage, os.getpid(), self._seen, self._audio_s / 3600, rate, xrt)
 
 
 class _SingleDoFn(_StageDoFn):
