@@ -1,6 +1,6 @@
 """Decode stage: one input file -> its waveform as 16 kHz mono float32.
 
-Reads `source_uri` (a local path), or `_audio_bytes` when a source hands over the file's bytes
+Reads `source_uri` (a local path, or a URI such as gs://... opened through fsspec), or `_audio_bytes` when a source hands over the file's bytes
 instead (a Hugging Face audio column, an object-store blob). Writes:
   `_waveform`            np.float32, mono, 16 kHz (channels averaged, resampled with soxr VHQ)
   `sampling_rate`        16000
@@ -18,6 +18,8 @@ Reject reason codes:
                      mid-stream is also reported here, with the frame counts in the detail)
   too_long           longer than `max_file_seconds`, decided from the header before reading samples
   too_many_channels  more than `max_channels`: taken for a mislabelled raw or multitrack file
+  non_finite_samples the waveform holds NaN or infinite samples (a float WAV can store them); they
+                     would pass for silence in the peak test and make librosa refuse the segment later
   silent             the mono waveform's peak is below `silence_peak_dbfs` (digital silence)
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
+import numpy as np
 from echat.schemas.record import SAMPLE_RATE
 from echat.schemas.stage import Reject, Stage
 
@@ -80,6 +83,20 @@ class DecodeAudio(Stage):
             )
         except AudioError as exc:
             yield self.reject(record, exc.reason, exc.detail)
+            return
+
+        # `load_audio` has already resampled, but no sample can get lost that way: a NaN or an
+        # infinity entering soxr's linear filter comes out as NaN in every output it touches, so
+        # checking the 16 kHz samples catches every non-finite sample of the file.
+        finite = np.isfinite(decoded.waveform)
+        if not finite.all():
+            bad = int(finite.size - np.count_nonzero(finite))
+            first = int(np.argmin(finite)) / SAMPLE_RATE
+            yield self.reject(
+                record, "non_finite_samples",
+                f"{bad} of {finite.size} samples at {SAMPLE_RATE} Hz are NaN or infinite, the first at {first:.3f} s "
+                f"(source {decoded.source_sample_rate} Hz)",
+            )
             return
 
         peak = peak_dbfs(decoded.waveform)
