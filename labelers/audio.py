@@ -58,7 +58,8 @@ def load_audio(
     max_channels: int | None = None,
     quality: str = RESAMPLE_QUALITY,
 ) -> DecodedAudio:
-    """Decode a path or the bytes of an audio file to mono float32 at `target_sample_rate`.
+    """Decode a path, a URI (through fsspec) or the bytes of an audio file to mono float32 at
+    `target_sample_rate`.
 
     Raises AudioError with reason missing_file, empty_file, decode_error, truncated, too_long or
     too_many_channels.
@@ -68,6 +69,8 @@ def load_audio(
         if not data:
             raise AudioError("empty_file", "0 bytes")
         opener, label = (lambda: io.BytesIO(data)), "<bytes>"
+    elif "://" in os.fspath(source):
+        opener, label = _uri_opener(os.fspath(source)), os.fspath(source)
     else:
         path = os.fspath(source)
         if not os.path.isfile(path):
@@ -92,6 +95,24 @@ def load_audio(
     duration = len(mono) / sr
     waveform = resample(mono, sr, target_sample_rate, quality=quality)
     return DecodedAudio(waveform, target_sample_rate, sr, channels, duration, decoder)
+
+
+def _uri_opener(uri: str):
+    """A function opening `uri` (gs://, s3://, hf://, memory://...) as a seekable file, via fsspec.
+
+    Seekable, so the header checks (length, channels) read only the start of a remote file.
+    """
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as exc:  # e.g. gs:// without gcsfs installed
+        raise AudioError("decode_error", f"cannot open {uri}: {exc}") from None
+    if not fs.isfile(path):
+        raise AudioError("missing_file", f"no such file: {uri}")
+    if fs.size(path) == 0:
+        raise AudioError("empty_file", f"0 bytes: {uri}")
+    return lambda: fs.open(path, "rb")
 
 
 def decode_bytes(data: bytes, **options) -> DecodedAudio:

@@ -4,6 +4,8 @@ Output layout under OUT:
   data/train-NNNNN-of-MMMMM.parquet   the records (schemas/record.py), audio as FLAC
   rejects/rejects-SSSSS-of-NNNNN.jsonl every dropped input or segment: source, stage, reason, detail
   summary.json                         counts per stage, audio hours, speed, reconciliation
+  reconciliation.jsonl                 the per-source table behind the reconciliation
+  _work/                               the run's tallies and shard list, read back for the summary
 Unrecognised flags are passed to Beam as pipeline options (e.g. --direct_num_workers 2
 --direct_running_mode multi_processing, or Dataflow's --project/--region/--temp_location).
 """
@@ -52,12 +54,45 @@ def run(args: argparse.Namespace) -> int:
 
 
 def pipeline_options(profile, beam_args: list[str]):
+    """Beam options from the profile's `beam:` section, then the command line's extra flags.
+
+    Raises ValueError naming any flag that is neither ours nor a Beam pipeline option, so a
+    mistyped `--overwite` stops the build instead of being dropped with a log line.
+    """
     from apache_beam.options.pipeline_options import PipelineOptions
 
     b = profile.beam
     flags = [f"--runner={b.runner}", f"--direct_num_workers={b.direct_num_workers}", f"--direct_running_mode={b.direct_running_mode}"]
     flags += [f"--{k}={v}" for k, v in b.extra.items()]
-    return PipelineOptions(flags + list(beam_args))  # later flags win: the command line overrides the profile
+    options = PipelineOptions(flags + list(beam_args))  # later flags win: the command line overrides the profile
+    every = options.get_all_options(retain_unknown_options=True, display_warnings=False)
+    known = options.get_all_options(display_warnings=False)
+    unknown = sorted(set(every) - set(known))
+    if unknown:
+        raise ValueError(f"unknown option(s): {', '.join('--' + name for name in unknown)} "
+                         "(neither an `echat build` option nor a Beam pipeline option)")
+    return options
+
+
+_SECRET_WORDS = ("token", "secret", "password", "key", "credential")
+
+
+def redact_flags(flags: list[str]) -> list[str]:
+    """Command-line flags for the report, with the values of secret-looking options hidden."""
+    redacted, hide_next = [], False
+    for flag in flags:
+        if hide_next:
+            redacted.append("***")
+            hide_next = False
+            continue
+        name, eq, _ = flag.partition("=")
+        secret = flag.startswith("--") and any(word in name.lower() for word in _SECRET_WORDS)
+        if secret and eq:
+            redacted.append(f"{name}=***")
+        else:
+            redacted.append(flag)
+            hide_next = secret
+    return redacted
 
 
 def _runner(options):
@@ -90,6 +125,7 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     out = output.rstrip("/")
     data_dir, rejects_dir, work_dir = (FileSystems.join(out, d) for d in ("data", "rejects", "_work"))
     # The input is checked before the output is touched, so a mistyped input leaves nothing behind.
+    options = pipeline_options(profile, beam_args)
     listing = list_sources(input_path, dataset_name=profile.dataset_name, license=profile.license, trust_manifest=profile.trust_manifest)
     _prepare_output(out, [data_dir, rejects_dir, work_dir], overwrite)
     records, source_rejects = _dedupe(listing.records)
@@ -100,7 +136,6 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
 
     tallies_path = FileSystems.join(work_dir, "tallies.json")
     shards_path = FileSystems.join(work_dir, "shards.json")
-    options = pipeline_options(profile, beam_args)
     pipeline = beam.Pipeline(runner=_runner(options), options=options)
     shards = build_graph(
         pipeline, records, source_rejects, profile,
@@ -112,6 +147,7 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     wall = time.time() - started
 
     tallies = _read_json(tallies_path)
+    tallies.update(source_reject_tallies(source_rejects))
     shard_list = _read_json(shards_path)
     stage_order = [s.stage for s in stage_specs(profile)]
     context = {
@@ -119,7 +155,7 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
         "input": input_path,
         "output": out,
         "runner": profile.beam.runner,
-        "beam_args": list(beam_args),
+        "beam_args": redact_flags(beam_args),
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "non_audio_files_skipped": listing.skipped_files,
         "paths": {"data": data_dir, "rejects": rejects_dir, "summary": FileSystems.join(out, "summary.json")},
@@ -131,6 +167,22 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     _write_text(FileSystems.join(out, "summary.json"), json.dumps(summary, indent=2, ensure_ascii=False))
     _write_text(FileSystems.join(out, "reconciliation.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_source))
     return summary
+
+
+def source_reject_tallies(source_rejects: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """One tally per input the source rejected whole, keyed apart from the file's own tally.
+
+    A duplicated path or a bad manifest row may name a file that another row builds: keying it
+    by its row keeps the two inputs apart, so each reconciles on its own.
+    """
+    from .graph import reject_counts
+
+    tallies = {}
+    for i, reject in enumerate(source_rejects):
+        counts = reject_counts(reject)
+        counts["file"] = 1
+        tallies[f"{reject['source_uri']} [{reject['reason']} #{i}]"] = dict(counts)
+    return tallies
 
 
 def _dedupe(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -155,8 +207,10 @@ def _prepare_output(out: str, dirs: list[str], overwrite: bool) -> None:
     existing = [d for d in dirs if FileSystems.exists(d)]
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds a build ({', '.join(existing)}); pass --overwrite to replace it")
-    for d in existing:
-        FileSystems.delete([d])
+    # the old summary goes too: were this run to fail, it must not stand beside the new data
+    stale = [FileSystems.join(out, name) for name in ("summary.json", "reconciliation.jsonl")]
+    for path in existing + [p for p in stale if FileSystems.exists(p)]:
+        FileSystems.delete([path])
     for d in dirs:
         FileSystems.mkdirs(d)
 

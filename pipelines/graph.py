@@ -30,14 +30,24 @@ BATCHED_STAGES = frozenset({"asr", "gender", "age", "emotion", "events", "style"
 
 
 def stage_specs(profile: Profile) -> list[StageSpec]:
-    """The profile's stages in build order, with the filter after the labelers."""
+    """The profile's stages in build order, the quality filter right after the labelers.
+
+    The filter runs before anything is spent on replies and speech, and runs whether or not
+    the profile has a reply stage at all.
+    """
     specs = []
     for stage, choice in profile.stage_choices():
-        if stage == "reply":  # filters run before anything is spent on replies and speech
-            specs.append(StageSpec("filter", None, profile.filters.model_dump(), factory=QualityFilter))
+        if stage in Profile.SYNTH_ORDER and not any(s.stage == "filter" for s in specs):
+            specs.append(_filter_spec(profile))
         specs.append(StageSpec(stage, choice.backend, _with_cache_dir(stage, choice, profile.cache_dir)))
+    if not any(s.stage == "filter" for s in specs):
+        specs.append(_filter_spec(profile))
     specs.append(StageSpec("encode", None, {}, factory=EncodeRow))
     return specs
+
+
+def _filter_spec(profile: Profile) -> StageSpec:
+    return StageSpec("filter", None, profile.filters.model_dump(), factory=QualityFilter)
 
 
 def _with_cache_dir(stage: str, choice, cache_dir: str) -> dict[str, Any]:
@@ -64,10 +74,14 @@ def _tally(kind: str, seconds_key: str | None = None):
     return tally
 
 
-def _reject_tally(reject: dict[str, Any]) -> tuple[str, Counter]:
+def reject_counts(reject: dict[str, Any]) -> Counter:
+    """What one reject adds to its source's tally."""
     level = "rejected_file" if reject.get("segment_start") is None else "rejected_segment"
-    counts = Counter({level: 1, f"rejected_at_{reject['stage']}": 1, f"reason:{reject['stage']}/{reject['reason']}": 1})
-    return reject.get("source_uri", ""), counts
+    return Counter({level: 1, f"rejected_at_{reject['stage']}": 1, f"reason:{reject['stage']}/{reject['reason']}": 1})
+
+
+def _reject_tally(reject: dict[str, Any]) -> tuple[str, Counter]:
+    return reject.get("source_uri", ""), reject_counts(reject)
 
 
 def _merge_counters(counters) -> Counter:
@@ -102,8 +116,10 @@ def build_graph(
         | "SpreadFiles" >> beam.Reshuffle()
     )
     tallies = [current | "TallyFiles" >> beam.Map(_tally("file"))]
-    rejects = [pipeline | "SourceRejects" >> beam.Create(source_rejects)]
-    tallies.append(rejects[0] | "TallyManifestRows" >> beam.Map(_tally("file")))
+    # Inputs rejected by the source (bad manifest rows, duplicates) are tallied by the driver,
+    # which knows each one apart even when two share a path; here they are only written out.
+    source_rejects_pcoll = pipeline | "SourceRejects" >> beam.Create(source_rejects)
+    rejects = []
 
     for spec in stage_specs(profile):
         current, stage_rejects = current | ApplyStage(spec, batched=spec.stage in BATCHED_STAGES)
@@ -117,8 +133,9 @@ def build_graph(
     tallies.append(rows | "TallyRows" >> beam.Map(_tally("written", "duration")))
     tallies.append(rows | "TallyReplies" >> beam.Map(_tally("reply", "reply_duration")))
 
-    all_rejects = rejects | "AllRejects" >> beam.Flatten()
-    tallies.append(all_rejects | "TallyRejects" >> beam.Map(_reject_tally))
+    stage_rejects = rejects | "StageRejects" >> beam.Flatten()
+    tallies.append(stage_rejects | "TallyRejects" >> beam.Map(_reject_tally))
+    all_rejects = (source_rejects_pcoll, stage_rejects) | "AllRejects" >> beam.Flatten()
     (
         all_rejects
         | "RejectsJson" >> beam.Map(lambda r: json.dumps(r, ensure_ascii=False, sort_keys=True))

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import yaml
 from echat.settings import apply_override, describe_validation_error, resolve_named_yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import backends
 
@@ -37,7 +37,7 @@ class DecodeOptions(_Strict):
 
 
 class FilterOptions(_Strict):
-    """Segments outside these bounds go to rejects with reason `filtered_<name>`."""
+    """Segments outside these bounds go to rejects with a `filtered_...` reason (labelers/filters.py)."""
 
     min_duration_s: float = 0.5
     max_duration_s: float = 30.0
@@ -46,11 +46,20 @@ class FilterOptions(_Strict):
     max_clipping_ratio: float | None = 0.05
     require_transcript: bool = True
 
+    @model_validator(mode="after")
+    def _bounds_make_sense(self) -> "FilterOptions":
+        for name in ("min_duration_s", "max_duration_s", "min_speech_ratio", "max_clipping_ratio"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must not be negative, got {value}")
+        if self.min_duration_s is not None and self.max_duration_s is not None and self.min_duration_s > self.max_duration_s:
+            raise ValueError(f"min_duration_s ({self.min_duration_s}) exceeds max_duration_s ({self.max_duration_s}): every segment would be rejected")
+        return self
+
 
 class OutputOptions(_Strict):
     rows_per_shard: int = 500
     max_shard_bytes: int = 256 * 1024 * 1024
-    rejects_format: str = "jsonl"
 
     @field_validator("rows_per_shard", "max_shard_bytes")
     @classmethod
@@ -96,6 +105,13 @@ class Profile(_Strict):
     # Stages in build order after decoding; each is a StageChoice field of the profile.
     STAGE_ORDER: ClassVar[tuple[str, ...]] = ("vad", "asr", "gender", "age", "emotion", "events", "style", "metrics")
     SYNTH_ORDER: ClassVar[tuple[str, ...]] = ("reply", "tts", "speech_tokens")
+
+    @field_validator("vad")
+    @classmethod
+    def _vad_is_required(cls, choice: StageChoice) -> StageChoice:
+        if choice.backend == backends.NONE:
+            raise ValueError("every build needs a VAD backend: segments get their bounds and id there")
+        return choice
 
     def stage_choices(self) -> list[tuple[str, StageChoice]]:
         """(stage, choice) for every enabled stage in build order, decode first."""

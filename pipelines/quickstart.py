@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from echat.synth.demo_corpus import make_demo_corpus
+    from echat.synth.demo_corpus import DemoDataError, make_demo_corpus
+    from echat.synth.espeak_tts import EspeakError
 
     from .build import build, print_report
     from .profile import ProfileError, load_profile
@@ -37,9 +38,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"echat quickstart: {exc}", file=sys.stderr)
         return 2
     corpus = out / "demo-corpus"
-    make_demo_corpus(corpus, n=args.n, overwrite=True)
+    try:
+        make_demo_corpus(corpus, n=args.n, overwrite=True)
+    except (DemoDataError, EspeakError) as exc:
+        print(f"echat quickstart: {exc}", file=sys.stderr)
+        return 2
     manifest = corpus / "manifest.jsonl"
     print(f"demo corpus: {args.n} utterances, manifest {manifest}")
-    summary = build(profile, str(manifest), str(out / "build"), beam_args=getattr(args, "extra_args", []), overwrite=True)
+    try:
+        summary = build(profile, str(manifest), str(out / "build"), beam_args=getattr(args, "extra_args", []), overwrite=True)
+    except ValueError as exc:  # e.g. an unknown Beam option
+        print(f"echat quickstart: {exc}", file=sys.stderr)
+        return 2
     print_report(summary, str(out / "build"))
     return 0 if summary["reconciliation"]["ok"] else 1

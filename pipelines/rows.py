@@ -18,7 +18,7 @@ from echat.schemas.stage import Reject, Stage
 class EncodeRow(Stage):
     name = "encode"
     reads = ("_waveform", "_reply_waveform")
-    writes = ("audio", "reply_audio", "schema_version", "pipeline_version")
+    writes = ("audio", "sampling_rate", "duration", "reply_audio", "reply_duration", "task", "schema_version", "pipeline_version")
 
     def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
         from echat.labelers.audio import encode_flac
@@ -35,12 +35,23 @@ class EncodeRow(Stage):
         if reply is not None and len(reply):
             row["reply_audio"] = {"bytes": encode_flac(reply, rec.SAMPLE_RATE), "path": f"{row['id']}-reply.flac"}
             row["reply_duration"] = float(len(reply) / rec.SAMPLE_RATE)
+        row["task"] = record_task(row)
         row["schema_version"] = rec.SCHEMA_VERSION
         row["pipeline_version"] = __version__
         try:
             yield rec.to_row(row)
         except ValueError as exc:
             yield self.reject(record, "schema_error", str(exc))
+
+
+def record_task(row: dict[str, Any]) -> str:
+    """The OSUM task tag a row can train, from what it actually holds."""
+    if row.get("reply_text"):
+        thinks = bool(row.get("think_tags") or row.get("think_text"))
+        speaks = bool(row.get("reply_audio") or row.get("reply_speech_tokens"))
+        return {(True, True): "<S2TCHAT> <TEXT2TOKEN> <THINK>", (True, False): "<S2TCHAT> <THINK>",
+                (False, True): "<S2TCHAT> <TEXT2TOKEN>", (False, False): "<S2TCHAT>"}[(thinks, speaks)]
+    return "<TRANSCRIBE>"
 
 
 def row_bytes(row: dict[str, Any]) -> int:

@@ -61,9 +61,26 @@ def list_sources(input_path: str, *, dataset_name: str, license: str | None, tru
         if not FileSystems.exists(input_path):
             raise FileNotFoundError(f"manifest not found: {input_path}")
         return _read_manifest(input_path, dataset_name=dataset_name, license=license, trust_manifest=trust_manifest)
+    if lowered.endswith(AUDIO_EXTENSIONS):  # one audio file
+        if not FileSystems.exists(input_path):
+            raise FileNotFoundError(f"input not found: {input_path}")
+        return SourceListing(records=[_base_record(input_path, dataset_name, license)])
     if not FileSystems.exists(input_path):
         raise FileNotFoundError(f"input not found: {input_path}")
+    if not _is_folder(input_path):
+        raise ValueError(
+            f"cannot read {input_path}: not a folder, an audio file ({', '.join(AUDIO_EXTENSIONS)}) "
+            f"or a manifest ({', '.join(MANIFEST_EXTENSIONS)})"
+        )
     return _list_folder(input_path, dataset_name=dataset_name, license=license)
+
+
+def _is_folder(path: str) -> bool:
+    if "://" in path:  # object stores have no folders: a prefix is one if anything lies below it
+        return True
+    import os
+
+    return os.path.isdir(path)
 
 
 def _list_folder(folder: str, *, dataset_name: str, license: str | None) -> SourceListing:
@@ -84,37 +101,45 @@ def _read_manifest(manifest: str, *, dataset_name: str, license: str | None, tru
     from apache_beam.io.filesystems import FileSystems
 
     with FileSystems.open(manifest) as handle:
-        text = io.TextIOWrapper(handle, encoding="utf-8").read()
+        text = io.TextIOWrapper(handle, encoding="utf-8-sig").read()  # -sig: spreadsheets write a BOM
     base_dir = posixpath.dirname(manifest) if "://" in manifest else _local_dirname(manifest)
     listing = SourceListing()
     for line_no, row in _manifest_rows(manifest, text):
         where = f"{manifest}:{line_no}"
-        if isinstance(row, str):  # a line that did not parse
-            listing.rejects.append(Reject(source_uri=where, stage=STAGE, reason="manifest_row_invalid", detail=row))
-            continue
-        given = next((row[k] for k in PATH_KEYS if row.get(k)), None)
-        if not given:
-            detail = f"row has none of the path columns {', '.join(PATH_KEYS)}: {json.dumps(row, ensure_ascii=False)[:300]}"
-            listing.rejects.append(Reject(source_uri=where, stage=STAGE, reason="manifest_row_invalid", detail=detail))
-            continue
-        uri = _resolve(str(given), base_dir)
-        record = _base_record(uri, dataset_name, license)
-        if trust_manifest:
-            problem = _apply_manifest_fields(record, row)
-            if problem:
-                listing.rejects.append(Reject(source_uri=uri, stage=STAGE, reason="invalid_label", detail=f"{where}: {problem}"))
-                continue
-        listing.records.append(record)
+        try:
+            outcome = _row_to_record(row, where, base_dir, dataset_name, license, trust_manifest)
+        except Exception as exc:  # noqa: BLE001 - one odd row must not stop the build
+            outcome = Reject(source_uri=where, stage=STAGE, reason="manifest_row_invalid", detail=f"{type(exc).__name__}: {exc}")
+        (listing.rejects if isinstance(outcome, Reject) else listing.records).append(outcome)
     return listing
+
+
+def _row_to_record(row, where: str, base_dir: str, dataset_name: str, license: str | None, trust_manifest: bool):
+    """A record for one manifest row, or the Reject saying why the row cannot be one."""
+    if isinstance(row, str):  # a line that did not parse
+        return Reject(source_uri=where, stage=STAGE, reason="manifest_row_invalid", detail=row)
+    given = next((row[k] for k in PATH_KEYS if row.get(k)), None)
+    if not isinstance(given, str) or not given.strip():
+        detail = f"row has no path (a string in one of {', '.join(PATH_KEYS)}): {json.dumps(row, ensure_ascii=False)[:300]}"
+        return Reject(source_uri=where, stage=STAGE, reason="manifest_row_invalid", detail=detail)
+    uri = _resolve(given.strip(), base_dir)
+    record = _base_record(uri, dataset_name, license)
+    if trust_manifest:
+        problem = _apply_manifest_fields(record, row)
+        if problem:
+            return Reject(source_uri=uri, stage=STAGE, reason="invalid_label", detail=f"{where}: {problem}")
+    return record
 
 
 def _manifest_rows(manifest: str, text: str):
     if manifest.lower().endswith(".csv"):
+        csv.field_size_limit(16 * 1024 * 1024)  # long transcripts exceed csv's 128 KiB default
         reader = csv.DictReader(io.StringIO(text))
         for i, row in enumerate(reader, start=2):  # line 1 is the header
             yield i, {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}
         return
-    for i, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028 and friends inside JSON strings
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -149,6 +174,9 @@ def _apply_manifest_fields(record: dict[str, Any], row: dict[str, Any]) -> str |
     if isinstance(events, str):  # CSV: "cough;laugh"; an empty cell says nothing
         events = [e.strip() for e in events.replace(";", ",").split(",") if e.strip()] or None
     if events is not None:  # an explicit empty list is ground truth too: nothing was heard
+        if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
+            return f"events must be a list of names, got {events!r}"
+        events = list(dict.fromkeys(e.strip().lower() for e in events))  # each event once
         bad = [e for e in events if e not in vocab.EVENTS]
         if bad:
             return f"events {bad} not in {', '.join(vocab.EVENTS)}"

@@ -4,7 +4,8 @@
 batches (`BatchElements`) for stages that declare `batched`, sends Rejects to the `rejects`
 output, and keeps Beam counters per stage: elements in/out/rejected, microseconds spent and
 audio seconds seen, which the run summary reads back. A record on which the stage raises is
-rejected with reason `stage_error`, never lost and never fatal to the run.
+rejected with reason `stage_error` (whatever it yielded before raising is discarded, so the record
+is counted once), never lost and never fatal to the run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from echat.schemas.stage import Reject
+from echat.schemas.stage import Reject, process_or_reject
 
 REJECTS = "rejects"
 METRICS_NAMESPACE = "echat"
@@ -79,18 +80,13 @@ class _StageDoFn(beam.DoFn):
     def _run(self, records: list[dict[str, Any]]):
         self.c_in.inc(len(records))
         start = time.perf_counter()
-        try:
-            if len(records) == 1:
-                outputs = list(self.stage.process(records[0]))
-            else:
+        if len(records) == 1:
+            outputs = process_or_reject(self.stage, records[0])
+        else:
+            try:
                 outputs = list(self.stage.process_batch(records))
-        except Exception:  # noqa: BLE001 - retry one by one so one bad record does not sink a batch
-            outputs = []
-            for record in records:
-                try:
-                    outputs.extend(self.stage.process(record))
-                except Exception as exc:  # noqa: BLE001 - the record leaves as a reject with the error
-                    outputs.append(self.stage.reject(record, "stage_error", f"{type(exc).__name__}: {exc}"))
+            except Exception:  # noqa: BLE001 - one bad record must not sink the batch: retry one by one
+                outputs = [out for record in records for out in process_or_reject(self.stage, record)]
         spent = time.perf_counter() - start
         self.c_us.inc(int(spent * 1e6))
         audio_s = _audio_seconds(records, outputs)

@@ -80,24 +80,37 @@ class Stage(ABC):
         return type(self).__name__
 
 
+def process_or_reject(stage: Stage, record: dict[str, Any]) -> list[dict[str, Any] | Reject]:
+    """The outputs of `stage` for one record, or a single `stage_error` Reject if it raises.
+
+    Outputs yielded before the exception are discarded: a record is either processed or
+    rejected, never both, so the run's counts reconcile.
+    """
+    try:
+        return list(stage.process(record))
+    except Exception as exc:  # noqa: BLE001 - a bad record must not stop the run
+        return [stage.reject(record, "stage_error", f"{type(exc).__name__}: {exc}")]
+
+
 def run_stages(stages: Iterable[Stage], records: Iterable[dict[str, Any]]) -> tuple[list[dict], list[Reject]]:
     """Run records through stages in order without Beam (tests, notebooks, the model's data path).
 
-    Calls `setup()` on each stage first. A stage that raises on a record rejects that record with
-    reason `stage_error` rather than losing the batch.
+    Calls `setup()` on each stage first and `teardown()` at the end. A stage that raises on a
+    record rejects that record with reason `stage_error` (see `process_or_reject`).
     """
     stages = list(stages)
     for stage in stages:
         stage.setup()
     current = list(records)
     rejects: list[Reject] = []
-    for stage in stages:
-        produced: list[dict] = []
-        for record in current:
-            try:
-                for out in stage.process(record):
+    try:
+        for stage in stages:
+            produced: list[dict] = []
+            for record in current:
+                for out in process_or_reject(stage, record):
                     (rejects if isinstance(out, Reject) else produced).append(out)
-            except Exception as exc:  # noqa: BLE001 - a bad record must not stop the run
-                rejects.append(stage.reject(record, "stage_error", f"{type(exc).__name__}: {exc}"))
-        current = produced
+            current = produced
+    finally:
+        for stage in stages:
+            stage.teardown()
     return current, rejects

@@ -36,6 +36,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torchaudio on PyPI is a CUDA build whose native library cannot load against CPU torch.
   # Without it torchaudio falls back to pure-Python paths (resample, fbank, load via torchcodec),
   # which is all funasr and pyannote need here.
-  rm -f .venv/lib/python3.11/site-packages/torchaudio/lib/*.so
+  rm -f .venv/lib/python3*/site-packages/torchaudio/lib/*.so
   echo "$want" > "$stamp"
 fi

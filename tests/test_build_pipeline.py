@@ -21,7 +21,6 @@ import pytest
 import soundfile as sf
 
 from echat.pipelines.build import build
-from echat.pipelines.profile import load_profile
 
 pytestmark = pytest.mark.slow
 
@@ -120,10 +119,10 @@ def _hostile_corpus(demo_corpus: Path, root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def hostile_build(demo_corpus, tmp_path_factory):
+def hostile_build(demo_corpus, local_profile, tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     manifest = _hostile_corpus(demo_corpus, root)
-    summary = build(load_profile("local"), str(manifest), str(root / "out"), overwrite=True)
+    summary = build(local_profile(), str(manifest), str(root / "out"), overwrite=True)
     return root, summary
 
 
@@ -152,10 +151,10 @@ def test_hostile_inputs_land_in_rejects_with_reasons(hostile_build):
     assert sum(summary["rejects"]["by_stage_reason"].values()) == summary["rejects"]["total"]
 
 
-def test_multiprocessing_runner_gives_the_same_rows(hostile_build):
+def test_multiprocessing_runner_gives_the_same_rows(hostile_build, local_profile):
     root, in_memory = hostile_build
     out = root / "out-mp"
-    summary = build(load_profile("local"), str(root / "manifest.jsonl"), str(out), overwrite=True,
+    summary = build(local_profile(), str(root / "manifest.jsonl"), str(out), overwrite=True,
                     beam_args=["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
     assert summary["reconciliation"]["ok"]
     assert sorted(r["id"] for r in _rows(out)) == sorted(r["id"] for r in _rows(root / "out"))
@@ -181,7 +180,7 @@ def test_cli_refuses_to_overwrite_without_flag(hostile_build):
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
 
 
-def test_folder_input_transcribes_with_pocketsphinx(demo_corpus, tmp_path):
+def test_folder_input_transcribes_with_pocketsphinx(demo_corpus, local_profile, tmp_path):
     """No manifest: files are found recursively, English transcripts come from pocketsphinx."""
     manifest = [json.loads(line) for line in (demo_corpus / "manifest.jsonl").read_text().splitlines()]
     english = [e for e in manifest if e["language"] == "en"][:3]
@@ -191,7 +190,7 @@ def test_folder_input_transcribes_with_pocketsphinx(demo_corpus, tmp_path):
         target.parent.mkdir(parents=True)
         shutil.copy(demo_corpus / entry["path"], target)
     (folder / "README.txt").write_text("not audio")
-    summary = build(load_profile("local"), str(folder), str(tmp_path / "out"), overwrite=True)
+    summary = build(local_profile(), str(folder), str(tmp_path / "out"), overwrite=True)
     assert summary["reconciliation"]["ok"] and summary["non_audio_files_skipped"] == 1
     rows = _rows(tmp_path / "out")
     assert {Path(r["source_uri"]).name for r in rows} == {Path(e["path"]).name for e in english}

@@ -63,3 +63,36 @@ def test_missing_input_is_a_clear_error(tmp_path):
         list_sources(str(tmp_path / "nope"), dataset_name="d", license=None)
     with pytest.raises(FileNotFoundError, match="manifest"):
         list_sources(str(tmp_path / "nope.jsonl"), dataset_name="d", license=None)
+
+
+def test_odd_rows_become_rejects_not_crashes(tmp_path):
+    rows = [{"path": "a.wav", "events": 5}, {"path": ["x.wav"]}, {"path": "b.wav", "events": ["Cough", "cough"]},
+            {"path": "c.wav", "text": "line\u2028separator inside a string"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    listing = list_sources(str(manifest), dataset_name="d", license=None)
+    assert [r.reason for r in listing.rejects] == ["invalid_label", "manifest_row_invalid"]
+    assert "events must be a list" in listing.rejects[0].detail
+    b, c = listing.records
+    assert b["events"] == ["cough"]  # normalised, each event once
+    assert c["transcript"] == "line\u2028separator inside a string"  # one row, not split at U+2028
+
+
+def test_manifests_with_a_byte_order_mark(tmp_path):
+    csv_manifest = tmp_path / "m.csv"
+    csv_manifest.write_bytes("\ufeffpath,text\nclip.wav,hello\n".encode("utf-8"))
+    jsonl_manifest = tmp_path / "m.jsonl"
+    jsonl_manifest.write_bytes(("\ufeff" + json.dumps({"path": "clip.wav"}) + "\n").encode("utf-8"))
+    for manifest in (csv_manifest, jsonl_manifest):
+        listing = list_sources(str(manifest), dataset_name="d", license=None)
+        assert not listing.rejects and listing.records[0]["source_uri"] == str(tmp_path / "clip.wav")
+
+
+def test_single_audio_file_and_unknown_input_types(tmp_path):
+    clip = _touch(tmp_path / "one.wav")
+    listing = list_sources(str(clip), dataset_name="d", license=None)
+    assert [r["source_uri"] for r in listing.records] == [str(clip)]
+    other = tmp_path / "data.json"
+    other.write_text("{}")
+    with pytest.raises(ValueError, match="not a folder, an audio file"):
+        list_sources(str(other), dataset_name="d", license=None)
