@@ -15,9 +15,11 @@ Tag form. What the OSUM-EChat repository (ASLP-lab/OSUM, folder OSUM-EChat) show
 - Its README ("Label-Based CoT") says the model "first outputs the transcription text ... then
   sequentially outputs predefined paralinguistic labels such as age, gender, speech events, and
   emotion". The published sample data (`common_utils/fake_data/raw/data.list`) only carries the
-  natural-language form, so the exact field spelling is not public: the field names below are
-  those of DESIGN.md ("User's words", "Age", "Gender", "Sound event", "Emotion", "Reply emotion")
-  in the README's order (events before emotion), with the reply emotion last.
+  natural-language form, so the exact field spelling is not public. The field names and their
+  order are DESIGN.md's, the project's spec: "User's words", "Age", "Gender", "Emotion",
+  "Sound event", "Reply emotion" (DESIGN puts emotion before the sound event, where the README's
+  sentence lists events first; every trace we write follows DESIGN, and `parse_tag_form` accepts
+  the fields in any order, so a model or LLM that writes the README's order is still read).
 A turn the event labeler heard nothing in has `Sound event: <none>` (the lower-case `<none>` is
 among the `none_tags` that processor.py recognises); an events label nobody produced is `<&&>`.
 
@@ -46,8 +48,8 @@ NO_EVENT = "none"  # `Sound event: <none>`: the event labeler ran and heard noth
 TAG_FIELDS: tuple[tuple[str, str], ...] = (
     ("Age", "age"),
     ("Gender", "gender"),
-    ("Sound event", "events"),
     ("Emotion", "emotion"),
+    ("Sound event", "events"),
     ("Reply emotion", "reply_emotion"),
 )
 WORDS_FIELD = "User's words"
@@ -168,8 +170,8 @@ def _events_tag(events: tuple[str, ...] | None) -> str:
 
 
 def tag_form(cues: Cues, reply_emotion: str | None) -> str:
-    """`<think>User's words: ...; Age: <adult>; Gender: <female>; Sound event: <cough>;
-    Emotion: <sad>; Reply emotion: <WORRIED><think end>`, unknown labels as `<&&>`."""
+    """`<think>User's words: ...; Age: <adult>; Gender: <female>; Emotion: <sad>;
+    Sound event: <cough>; Reply emotion: <WORRIED><think end>`, unknown labels as `<&&>`."""
     values = {
         "age": _tag(cues.age.value),
         "gender": _tag(cues.gender.value),

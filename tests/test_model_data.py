@@ -45,8 +45,8 @@ SPECIALS = [
 ]
 
 THINK_TAGS = (
-    "<think>User's words: i feel so tired; Age: <adult>; Gender: <female>; Sound event: <&&>; "
-    "Emotion: <sad>; Reply emotion: <WORRIED><think end>"
+    "<think>User's words: i feel so tired; Age: <adult>; Gender: <female>; Emotion: <sad>; "
+    "Sound event: <&&>; Reply emotion: <WORRIED><think end>"
 )
 THINK_TEXT = "<think>She sounds exhausted and a little sad, so a gentle, caring answer fits.<think end>"
 

@@ -292,7 +292,7 @@ def _full_record(audio: Path) -> dict:
         "transcript": "I lost my job today and I feel terrible.",
         "words": [{"word": "I", "start": 0.1, "end": 0.2, "score": 1.0}, {"word": "lost", "start": 0.2, "end": 0.5, "score": 1.0}],
         "gender": "female", "age": "adult", "emotion": "sad", "style": "daily conversation", "events": ["sigh"],
-        "think_tags": "<think>User's words: I lost my job; Age: <adult>; Gender: <female>; Sound event: <sigh>; Emotion: <sad>; Reply emotion: <SORRY><think end>",
+        "think_tags": "<think>User's words: I lost my job; Age: <adult>; Gender: <female>; Emotion: <sad>; Sound event: <sigh>; Reply emotion: <SORRY><think end>",
         "think_text": None, "reply_text": "I am so sorry. That is a hard day.", "reply_speech_tokens": [5, 17, 4095],
         "history": [{"role": "user", "text": "Hi."}, {"role": "assistant", "text": "Hello! How are you?"}],
     }

@@ -14,8 +14,8 @@ from echat.schemas.vocab import TASK_TAGS
 
 
 def test_split_think_and_reply_emotion():
-    text = ("<think>User's words: I lost my job; Age: <adult>; Gender: <female>; Sound event: <none>; "
-            "Emotion: <sad>; Reply emotion: <WORRIED><think end> I'm so sorry. ")
+    text = ("<think>User's words: I lost my job; Age: <adult>; Gender: <female>; Emotion: <sad>; "
+            "Sound event: <none>; Reply emotion: <WORRIED><think end> I'm so sorry. ")
     think, reply = inf.split_think(text)
     assert think.startswith("User's words: I lost my job") and think.endswith("Reply emotion: <WORRIED>")
     assert reply == "I'm so sorry."

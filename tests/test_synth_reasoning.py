@@ -20,17 +20,18 @@ FULL = Cues(
 )
 
 
-def test_tag_form_writes_every_label_in_osum_order():
+def test_tag_form_writes_every_label_in_design_order():
+    # DESIGN.md's order: emotion before the sound event, the reply emotion last.
     text = tag_form(FULL, "WORRIED")
     assert text == (
         "<think>User's words: I failed my exam again and I feel like giving up.; Age: <adult>; "
-        "Gender: <female>; Sound event: <cough>; Emotion: <sad>; Reply emotion: <WORRIED><think end>"
+        "Gender: <female>; Emotion: <sad>; Sound event: <cough>; Reply emotion: <WORRIED><think end>"
     )
 
 
 def test_tag_form_writes_the_placeholder_for_every_unknown_label():
     text = tag_form(Cues(transcript="hello there"), None)
-    # age, gender, sound event, emotion and the reply emotion are all unknown
+    # age, gender, emotion, sound event and the reply emotion are all unknown
     assert text.count(vocab.UNKNOWN_PLACEHOLDER) == 5
     for name, _ in reasoning.TAG_FIELDS:
         assert f"{name}: {vocab.UNKNOWN_PLACEHOLDER}" in text
@@ -76,6 +77,7 @@ def test_parse_tag_form_round_trips(cues, reply_emotion):
 
 def test_parse_accepts_osum_tokenizer_spacing_and_a_following_reply():
     # OSUM's process_text2 deletes the spaces around < and >; a model trained on it answers so.
+    # The fields come in the README's order (sound event before emotion): any order is read.
     model_output = (
         "<think>User's words: it is raining again;Age:<adult>;Gender:<male>;Sound event:<&&>;"
         "Emotion:<sad>;Reply emotion:<sorry><think end>I'm sorry, rainy days can be gloomy."
