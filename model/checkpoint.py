@@ -2,9 +2,10 @@
 
 Layout of one checkpoint (a run's `OUT/checkpoints/step-0000120/`):
 
-    trainer_state.json   step, world size, weights kind ("full" | "trainable"), counters, versions
+    trainer_state.json   step, world size, weights kind ("full" | "trainable"), the parameter
+                         groups trained so far (this run and the runs it continues), counters, versions
     model.pt             model state dict (torch.save), unsharded even when trained with FSDP: all
-                         of it ("full"), or for LoRA runs ("trainable") the trainable parameters
+                         of it ("full"), or for LoRA runs ("trainable") every group trained so far
                          and the new modules the pretrained weights lack (weights_to_keep)
     optimizer.pt         AdamW state keyed by parameter name (torch.distributed.checkpoint's
                          get_state_dict), so it reloads under DDP, FSDP or one process
@@ -28,7 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -136,6 +137,9 @@ class SaveInputs:
     counters: dict[str, Any]  # samples_seen, frames_seen ... (rank-global)
     rank_state: dict[str, Any]  # this rank's data-loader state (its RNG is captured here)
     tokenizer: Any = None
+    # Parameter groups whose weights differ from their pretrained source: those trainable in this
+    # run and those trained by the runs it continues (model.init_from, --resume); trained_groups().
+    trained_groups: tuple[str, ...] = ()
 
 
 def _state_dict_options(**extra):
@@ -144,19 +148,50 @@ def _state_dict_options(**extra):
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **extra)
 
 
-def weights_to_keep(model: nn.Module, model_config: Any) -> set[str]:
-    """Parameter names a "trainable" checkpoint holds: every trainable parameter, and every
-    parameter that the pretrained weights named by the model config do not provide (the adapter,
-    speech embeddings and heads, LoRA: new modules, randomly initialised, frozen or not). With
-    those, rebuilding with load_weights=True and laying the checkpoint over it restores the model."""
-    from .osum import group_of
+def weights_to_keep(model: nn.Module, model_config: Any, trained_groups: Iterable[str] = ()) -> set[str]:
+    """Parameter names a "trainable" checkpoint holds: every trainable parameter, every parameter
+    of `trained_groups` (groups an earlier stage trained and this one freezes: the pretrained
+    weights no longer hold them), and every parameter that the pretrained weights named by the
+    model config do not provide (the adapter, speech embeddings and heads, LoRA: new modules,
+    randomly initialised, frozen or not). With those, rebuilding with load_weights=True and laying
+    the checkpoint over it restores the model."""
+    from .osum import ALWAYS_FROZEN, group_of
 
     if model_config.checkpoint is not None:  # a whole-model checkpoint provides every group
         pretrained = {group_of(name) for name, _ in model.named_parameters()}
     else:
         pretrained = {group for group, source in (("encoder", model_config.encoder.name_or_path),
                                                   ("llm", model_config.llm.name_or_path)) if source}
-    return {name for name, p in model.named_parameters() if p.requires_grad or group_of(name) not in pretrained}
+    changed = set(trained_groups)
+    return {
+        name for name, p in model.named_parameters()
+        if p.requires_grad or group_of(name) not in pretrained or (group_of(name) in changed and name not in ALWAYS_FROZEN)
+    }
+
+
+def trained_groups(model: nn.Module, continued_from: str | Path | None = None) -> tuple[str, ...]:
+    """The parameter groups whose weights differ from their pretrained source: the groups with a
+    trainable parameter in `model` now, and those trained by the run that wrote `continued_from`
+    (the checkpoint this run resumes or was initialised from)."""
+    from .osum import group_of
+
+    groups = {group_of(name) for name, p in model.named_parameters() if p.requires_grad}
+    if continued_from is not None:
+        groups |= groups_trained_in(continued_from)
+    return tuple(sorted(groups))
+
+
+def groups_trained_in(checkpoint: str | Path) -> set[str]:
+    """The groups a checkpoint's run (and the runs before it) trained, from trainer_state.json;
+    for a checkpoint written before that was recorded, every group its model.pt holds."""
+    checkpoint = Path(checkpoint)
+    recorded = read_trainer_state(checkpoint).get("trained_groups")
+    if recorded is not None:
+        return set(recorded)
+    from .osum import group_of
+
+    state = torch.load(checkpoint / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+    return {group_of(name) for name in state}
 
 
 def save_checkpoint(
@@ -178,7 +213,7 @@ def save_checkpoint(
     # Gathering the full state is collective under FSDP, so every rank takes part.
     model_state, optim_state = get_state_dict(model, optimizer, options=_state_dict_options())
     if inputs.weights == "trainable":
-        keep = weights_to_keep(distributed.unwrap(model), inputs.model_config)
+        keep = weights_to_keep(distributed.unwrap(model), inputs.model_config, inputs.trained_groups)
         model_state = {name: value for name, value in model_state.items() if name in keep}
     if ctx.is_main:
         root.mkdir(parents=True, exist_ok=True)
@@ -201,6 +236,7 @@ def save_checkpoint(
             "step": step,
             "world_size": ctx.world_size,
             "weights": inputs.weights,
+            "trained_groups": list(inputs.trained_groups),
             "counters": inputs.counters,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "torch_version": torch.__version__,

@@ -301,6 +301,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_after: int | None
             set_trainable(model, cfg.model.stage)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # What a "trainable" checkpoint must hold beyond this stage's trainable parameters: the
+        # groups earlier stages trained (init_from) or this run trained before it was resumed.
+        trained_groups = ckpt.trained_groups(model, resume_from or init_from)
         n_total = sum(p.numel() for p in model.parameters())
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -370,7 +373,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_after: int | None
                 out, at_step, wrapped, optimizer, scheduler, ctx,
                 ckpt.SaveInputs(train_config_yaml=cfg.to_yaml(), model_config=model_config,
                                 weights=cfg.checkpoint.weights, counters=dict(counters),
-                                rank_state=loader.state_dict(), tokenizer=tokenizer),
+                                rank_state=loader.state_dict(), tokenizer=tokenizer,
+                                trained_groups=trained_groups),
                 keep_last=cfg.checkpoint.keep_last,
             )
             log.info(f"checkpoint {path}")

@@ -175,9 +175,10 @@ class RunSection(_Strict):
 class CheckpointSection(_Strict):
     every: int = 1000  # optimiser steps between checkpoints (the last step is always saved)
     keep_last: int = 3  # older step folders are deleted
-    # full: the whole model state (full fine-tune, tiny). trainable: the trainable parameters and
-    # the new modules the pretrained weights lack (LoRA runs: megabytes instead of the whole LLM);
-    # reloading rebuilds the rest from the pretrained weights the model config names.
+    # full: the whole model state (full fine-tune, tiny). trainable: every parameter group this
+    # run or the runs it continues (model.init_from, --resume) have trained, frozen now or not,
+    # and the new modules the pretrained weights lack (LoRA runs: megabytes instead of the whole
+    # LLM); reloading rebuilds the rest from the pretrained weights the model config names.
     weights: Literal["full", "trainable"] = "full"
 
     @field_validator("every", "keep_last")

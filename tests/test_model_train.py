@@ -430,3 +430,33 @@ def test_lora_run_saves_trainable_weights_and_reloads_over_the_pretrained_base(d
     for name, tensor in model.state_dict().items():
         expected = saved[name] if name in saved else base[name]
         assert torch.equal(tensor, expected), name
+
+
+@pytest.mark.slow
+def test_a_later_lora_stage_keeps_what_the_earlier_stage_trained(demo_shards, tmp_path):
+    """Stage 1 trains the encoder, stage 2 (init_from stage 1) freezes it: stage 2's "trainable"
+    checkpoint must still hold stage 1's encoder, or reloading it would bring back the pretrained one."""
+    import torch
+
+    from echat.model.osum import build_model
+    from echat.model.train import train
+
+    model_cfg = _lora_model_config(tmp_path)
+    common = [f"model.config={model_cfg}", "model.load_weights=true", "checkpoint.weights=trainable",
+              "run.max_steps=2", "optim.warmup_steps=1", "checkpoint.every=2", "log.tensorboard=false"]
+    train(_tiny(demo_shards, tmp_path / "stage1", *common, "model.stage=understanding"))
+    train(_tiny(demo_shards, tmp_path / "stage2", *common, "model.stage=generation",
+                f"model.init_from={tmp_path / 'stage1'}"))
+
+    stage1 = torch.load(ckpt.resolve_checkpoint(tmp_path / "stage1") / "model.pt", weights_only=True)
+    step2 = ckpt.resolve_checkpoint(tmp_path / "stage2")
+    assert ckpt.read_trainer_state(step2)["trained_groups"] == ["adapter", "encoder", "lora", "speech_bounds",
+                                                                 "speech_embed", "speech_head"]
+    model, _, model_config = ckpt.load_for_inference(tmp_path / "stage2", "cpu")
+    reloaded = model.state_dict()
+    pretrained = build_model(model_config, load_weights=True).state_dict()
+    trained_encoder = [k for k in stage1 if k.startswith("encoder.")]
+    assert trained_encoder and "encoder.embed_positions.weight" not in trained_encoder
+    assert any(not torch.equal(stage1[k], pretrained[k]) for k in trained_encoder)  # stage 1 changed it
+    for name in trained_encoder:  # and stage 2's checkpoint brings stage 1's values back
+        assert torch.equal(reloaded[name], stage1[name]), name
