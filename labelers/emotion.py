@@ -2,7 +2,13 @@
 
 Evidence:
   words    keywords per emotion from `emotion_lexicon.yaml` (English words, Chinese substrings),
-           a keyword right after a negation ("not happy", "不开心") not counting;
+           matched longest first with no stretch of text counted twice (`text_match`), so
+           "讨厌死了" counts once, for disgust, and not also as the anger of "讨厌". A keyword
+           does not count when a negation comes shortly before it in the same clause: among the
+           two English words before it ("not happy", "not very happy"), or ending at most two
+           Chinese characters before it ("不开心", "不太开心", "不是很开心"). Words that merely
+           start with a negating character ("别人", "未来", "不错") are listed in the lexicon so
+           they are not read as negations;
   prosody  an arousal estimate in [-1, 1]: pitch variability (coefficient of variation of the voiced
            F0; neutral read speech sits near 0.18), speaking rate (about 2.7 words/s in English,
            4.5 characters/s in Chinese) and loudness (about -25 dBFS), weighted 0.5/0.3/0.2. Loudness
@@ -27,18 +33,22 @@ from importlib import resources
 from typing import Any, ClassVar
 
 import numpy as np
+from echat.schemas.record import SAMPLE_RATE
 from echat.schemas.stage import Reject, Stage
 from echat.schemas.vocab import EMOTIONS
 
 from .metrics import loudness_dbfs, speaking_rate
-from .pitch import SAMPLE_RATE, f0_of, warm_up
+from .pitch import f0_of, warm_up
+from .text_match import CJK_CHAR, find_phrases, has_cjk, mask
 
 MODEL_NAME = "heuristic-v1"
 LEXICON_FILE = "emotion_lexicon.yaml"
 HIGH_AROUSAL = frozenset({"anger", "happy", "surprise", "fear"})
 LOW_AROUSAL = frozenset({"sad"})
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
 _EN_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+_EN_CLAUSE_END = re.compile(r"[.,;:!?]")  # "no, I am happy" is not a negated "happy"
+NEGATION_WINDOW_EN_WORDS = 2  # the negation is one of the two words before the keyword
+NEGATION_WINDOW_ZH_CHARS = 2  # at most two characters between the negation and the keyword
 
 # Typical values of neutral read speech and the spread that maps to arousal +/-1.
 PITCH_CV_NEUTRAL, PITCH_CV_SPREAD = 0.18, 0.10
@@ -50,7 +60,8 @@ AROUSAL_WEIGHTS = {"pitch": 0.5, "rate": 0.3, "loudness": 0.2}
 
 @lru_cache(maxsize=4)
 def load_lexicon(path: str | None = None) -> dict[str, Any]:
-    """The lexicon as {"negations": {lang: [...]}, "emotions": {emotion: {lang: [...]}}}."""
+    """The lexicon as {"negations": {lang: [...]}, "negation_lookalikes": {lang: [...]},
+    "emotions": {emotion: {lang: [...]}}} (lookalikes optional)."""
     import yaml
 
     if path is None:
@@ -68,22 +79,45 @@ def load_lexicon(path: str | None = None) -> dict[str, Any]:
 def keyword_hits(transcript: str, lexicon: dict[str, Any]) -> Counter:
     """Count of non-negated keyword hits per emotion in `transcript` (English and Chinese)."""
     hits: Counter = Counter()
-    text = transcript.lower()
-    tokens = _EN_WORD.findall(text)
-    en_negations = set(lexicon["negations"]["en"])
-    zh_negations = sorted(lexicon["negations"]["zh"], key=len, reverse=True)
-    for emotion, words in lexicon["emotions"].items():
-        en_words = set(words.get("en") or [])
-        for i, token in enumerate(tokens):
-            if token in en_words and not en_negations.intersection(tokens[max(0, i - 2) : i]):
-                hits[emotion] += 1
-        if _CJK.search(text):
-            for keyword in words.get("zh") or []:
-                for match in re.finditer(re.escape(keyword), text):
-                    before = text[: match.start()]
-                    if not any(before.endswith(neg) for neg in zh_negations):
-                        hits[emotion] += 1
+    text = (transcript or "").lower()
+    for language in ("en", "zh"):
+        emotions_of: dict[str, list[str]] = {}
+        for emotion, words in lexicon["emotions"].items():
+            for word in words.get(language) or []:
+                emotions_of.setdefault(str(word).lower(), []).append(emotion)
+        lookalikes = [str(w).lower() for w in (lexicon.get("negation_lookalikes") or {}).get(language) or []]
+        matches = find_phrases(text, [*emotions_of, *lookalikes], language, inflections=False)
+        negations = [str(w).lower() for w in lexicon["negations"].get(language) or []]
+        # Negations are looked for outside what matched as a keyword or a lookalike ("不安" is a
+        # fear keyword, not a negated "安"; "别人" is "other people", not "don't").
+        masked = mask(text, [(m.start, m.end) for m in matches])
+        for match in matches:
+            if match.phrase not in emotions_of:
+                continue  # a lookalike: it only keeps its characters from reading as a negation
+            if language == "en":
+                negated = _negated_en(text, match.start, negations)
+            else:
+                negated = _negated_zh(masked, match.start, negations)
+            if not negated:
+                for emotion in emotions_of[match.phrase]:
+                    hits[emotion] += 1
     return hits
+
+
+def _negated_en(text: str, start: int, negations: list[str]) -> bool:
+    clause = _EN_CLAUSE_END.split(text[:start])[-1]
+    return bool(set(negations).intersection(_EN_WORD.findall(clause)[-NEGATION_WINDOW_EN_WORDS:]))
+
+
+def _negated_zh(masked: str, start: int, negations: list[str]) -> bool:
+    for negation in negations:
+        lo = max(0, start - NEGATION_WINDOW_ZH_CHARS - len(negation))
+        for found in re.finditer(re.escape(negation), masked[lo:start]):
+            gap = masked[lo + found.end() : start]
+            # Only Chinese characters between: punctuation ends the clause ("不，我很开心" is happy).
+            if len(gap) <= NEGATION_WINDOW_ZH_CHARS and all(CJK_CHAR.match(c) for c in gap):
+                return True
+    return False
 
 
 def arousal(f0: np.ndarray, rate: float | None, loudness: float | None, chinese: bool) -> float | None:
@@ -151,7 +185,7 @@ class HeuristicEmotion(Stage):
             self.setup()
         out = dict(record)
         transcript = record.get("transcript") or ""
-        chinese = record.get("language") == "zh" or bool(_CJK.search(transcript))
+        chinese = record.get("language") == "zh" or has_cjk(transcript)
         spans = record.get("_speech_spans")
         waveform = record["_waveform"]
         speech_s = sum(b - a for a, b in spans) if spans else len(waveform) / SAMPLE_RATE

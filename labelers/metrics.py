@@ -25,7 +25,6 @@ already present on the record is left as it is.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -34,6 +33,7 @@ from echat.schemas.record import FIELDS_BY_NAME, SAMPLE_RATE
 from echat.schemas.stage import Reject, Stage
 
 from .pitch import f0_of, warm_up
+from .text_match import CJK_CHAR, count_cjk
 
 FRAME = int(0.025 * SAMPLE_RATE)
 HOP = int(0.010 * SAMPLE_RATE)
@@ -42,7 +42,6 @@ MIN_NOISE_FRAMES = 10
 SPEECH_ABOVE_FLOOR_DB = 6.0
 SPEECH_MIN_DBFS = -60.0
 MIN_VOICED_FRAMES = 10
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 METRIC_FIELDS = (
     "snr_db",
@@ -163,8 +162,8 @@ def speaking_rate(transcript: str | None, speech_seconds: float) -> float | None
         return None
     # Each CJK character counts as one unit, each run of other text between spaces as one word, so
     # Chinese, English and mixed transcripts are all measured without a language code.
-    cjk = len(_CJK.findall(transcript))
-    words = len(_CJK.sub(" ", transcript).split())
+    cjk = count_cjk(transcript)
+    words = len(CJK_CHAR.sub(" ", transcript).split())
     return float((cjk + words) / speech_seconds)
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from echat.labelers.text_match import has_cjk
 from echat.schemas import vocab
 
 THINK_START = "<think>"
@@ -137,12 +138,9 @@ class TagThink:
     reply: str = ""  # text after `<think end>`, when the parsed string had any
 
 
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-
-
 def guess_language(text: str) -> str:
     """'zh' when the text holds Chinese characters, else 'en' (the only two languages we speak)."""
-    return "zh" if _CJK.search(text or "") else "en"
+    return "zh" if has_cjk(text) else "en"
 
 
 def clean_words(text: str) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from echat.labelers.text_match import count_phrases
 from echat.schemas import vocab
 from echat.schemas.stage import Reject, Stage
 
@@ -171,24 +172,9 @@ def load_templates(folder: str | Path | None = None) -> ReplyTemplates:
 # reading the user's words
 
 
-def _phrase_pattern(phrase: str, language: str) -> re.Pattern[str]:
-    if language == "zh":
-        return re.compile(re.escape(phrase))
-    # Whole words, allowing the common inflections (exam -> exams, fail -> failed, cry -> crying).
-    return re.compile(r"(?<![\w'])" + re.escape(phrase) + r"(?:s|es|ed|d|ing)?(?![\w'])")
-
-
-def count_phrases(text: str, phrases: list[str], language: str) -> dict[str, int]:
-    """Occurrences of each phrase, longest first, each span counted once (so "not happy" is not
-    also "happy", and "不开心" is not also "开心")."""
-    remaining = text.lower()
-    counts: dict[str, int] = {}
-    for phrase in sorted(set(phrases), key=len, reverse=True):
-        pattern = _phrase_pattern(phrase, language)
-        remaining, n = pattern.subn(" | ", remaining)
-        if n:
-            counts[phrase] = n
-    return counts
+# Phrases are counted with `labelers.text_match.count_phrases`: longest first, each stretch of
+# text once (so "not happy" is not also "happy", and "不开心" is not also "开心"); English phrases
+# match whole words with their common inflections (exam -> exams, fail -> failed).
 
 
 def words_valence(text: str, templates: LanguageTemplates) -> str:
@@ -288,11 +274,18 @@ class TemplateReply(Stage):
     """
 
     name = "reply"
+    # Every field `reasoning.Cues.from_record` looks at: each label with its score and the model
+    # that produced it (the model decides how firmly the reasoning states a label).
     reads = (
-        "id", "transcript", "transcript_confidence", "language", "age", "age_score", "gender",
-        "gender_score", "emotion", "emotion_score", "events", "events_score", "style", "speaking_rate",
+        "id", "transcript", "transcript_confidence", "language",
+        "age", "age_score", "age_model", "gender", "gender_score", "gender_model",
+        "emotion", "emotion_score", "emotion_model", "events", "events_score", "events_model",
+        "style", "style_score", "style_model", "speaking_rate",
     )
-    writes = ("think_tags", "think_text", "reply_emotion", "reply_text", "llm_model", "prompt_version", "task")
+    writes = (
+        "think_tags", "think_text", "reply_emotion", "reply_text", "llm_model", "prompt_version", "task",
+        "_reply_topic",
+    )
 
     def __init__(
         self,

@@ -60,6 +60,41 @@ def test_negated_keywords_do_not_count():
     assert keyword_hits("我很开心", lexicon)["happy"] == 1
 
 
+def test_overlapping_chinese_keywords_count_once_for_the_longest():
+    lexicon = load_lexicon()
+    # "讨厌死了" is listed under disgust; its "讨厌" (anger) must not count as well and win the tie.
+    assert keyword_hits("这个味道我讨厌死了", lexicon) == Counter({"disgust": 1})
+    assert keyword_hits("烦死了", lexicon) == Counter({"anger": 1})  # not "烦" and "烦死了"
+    assert keyword_hits("好开心，好开心", lexicon) == Counter({"happy": 2})  # each occurrence once
+
+
+@pytest.mark.parametrize(
+    "transcript",
+    ["我不是很开心", "我不太开心", "我没有那么开心", "不用难过", "i'm not very happy", "i am not so sad"],
+)
+def test_a_negation_a_word_or_two_before_the_keyword_negates_it(transcript):
+    assert keyword_hits(transcript, load_lexicon()) == Counter()
+
+
+@pytest.mark.parametrize(
+    "transcript, emotion",
+    [
+        ("不，我很开心", "happy"),  # the negation ends its own clause
+        ("no, i'm happy", "happy"),  # "no" is two words before, but in the clause before
+        ("别人很开心", "happy"),  # 别人 "other people" is not 别 "don't"
+        ("不过很开心", "happy"),  # 不过 "but"
+        ("我很不安", "fear"),  # 不安 is itself the keyword
+    ],
+)
+def test_what_only_looks_like_a_negation_does_not_negate(transcript, emotion):
+    assert keyword_hits(transcript, load_lexicon()) == Counter({emotion: 1})
+
+
+def test_the_stage_labels_negated_chinese_happiness_as_not_happy(emotion, voice):
+    assert label(emotion, voice, "我不是很开心", "zh")["emotion"] != "happy"
+    assert label(emotion, voice, "我讨厌死了这个味道", "zh")["emotion"] == "disgust"
+
+
 def test_no_evidence_is_neutral_with_a_low_score(emotion, voice):
     out = label(emotion, voice, "the meeting is on tuesday at ten in room four")
     assert out["emotion"] == "neutral" and out["emotion_score"] <= 0.3

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from echat.labelers.text_match import has_cjk
 from echat.schemas import vocab
 from echat.synth import reasoning
 from echat.synth.reasoning import Cues, EventsLabel, Label, ThinkParseError, natural_form, parse_tag_form, tag_form
@@ -139,7 +140,7 @@ def test_natural_form_hedges_in_chinese_and_speaks_the_users_language():
     assert "可能" not in _emotion_sentence(sure) and "很难过" in sure
     assert not re.search(r"[A-Za-z]", unsure.replace("<think>", "").replace("<think end>", ""))
     english = natural_form(FULL, "WORRIED")
-    assert not reasoning._CJK.search(english)
+    assert not has_cjk(english)
 
 
 def test_natural_form_reasons_over_words_and_cues():

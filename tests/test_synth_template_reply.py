@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from echat.labelers.text_match import has_cjk
 from echat.pipelines import backends
 from echat.schemas import vocab
 from echat.schemas.stage import Reject, run_stages
 from echat.synth import reasoning
 from echat.synth.template_reply import MODEL_NAME, TemplateError, TemplateReply, load_templates
-
-CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +50,39 @@ def test_writes_every_field_of_the_contract(stage, templates):
     assert (parsed.age, parsed.gender, parsed.emotion, parsed.reply_emotion) == ("adult", "female", "happy", out["reply_emotion"])
     assert out["think_text"].startswith("<think>") and out["think_text"].endswith("<think end>")
     assert set(TemplateReply.writes) <= set(out)
+
+
+class _ReadLog(dict):
+    """A record that notes which fields are looked up (spreading it with ** is a copy, not a read)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.looked_up: set[str] = set()
+
+    def __getitem__(self, key):
+        self.looked_up.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.looked_up.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self.looked_up.add(key)
+        return super().__contains__(key)
+
+
+def test_declares_every_field_it_reads(stage):
+    fields = {"id": "r", "transcript": "I lost my keys again.", "language": "en", "emotion": "sad",
+              "emotion_score": 0.9, "emotion_model": "m", "events": ["sigh"], "events_model": "m"}
+    # What the stage looks up itself, and what the cues it reasons over look up (on their own copy).
+    record, cue_record = _ReadLog(fields), _ReadLog(fields)
+    (out,) = stage.process(record)
+    reasoning.Cues.from_record(cue_record)
+    assert out["reply_text"]
+    looked_up = record.looked_up | cue_record.looked_up
+    assert {"transcript", "age_model", "gender_model", "emotion_model", "events_model", "style_model"} <= looked_up
+    assert looked_up <= set(TemplateReply.reads), sorted(looked_up - set(TemplateReply.reads))
 
 
 def test_is_deterministic_given_the_record():
@@ -104,14 +136,14 @@ def test_a_sigh_is_noticed(stage):
 
 def test_chinese_input_gets_a_chinese_reply(stage):
     out = reply(stage, transcript="我这次考试又没考好，真的好难过。", language="zh", emotion="sad", emotion_score=0.9)
-    assert CJK.search(out["reply_text"]) and not re.search(r"[A-Za-z]", out["reply_text"])
-    assert CJK.search(out["think_text"])
+    assert has_cjk(out["reply_text"]) and not re.search(r"[A-Za-z]", out["reply_text"])
+    assert has_cjk(out["think_text"])
     assert out["_reply_topic"] == "exams"
     # the language is guessed from the words when the record does not say
     guessed = reply(stage, transcript="今天晚上想吃面条。", language=None)
-    assert CJK.search(guessed["reply_text"])
+    assert has_cjk(guessed["reply_text"])
     english = reply(stage, transcript="I am thinking about dinner tonight.")
-    assert not CJK.search(english["reply_text"] + english["think_text"])
+    assert not has_cjk(english["reply_text"] + english["think_text"])
 
 
 def test_topic_of_the_words_picks_the_closing_sentence(stage, templates):
