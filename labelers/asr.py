@@ -36,6 +36,7 @@ from echat.schemas.record import SAMPLE_RATE
 from echat.schemas.stage import Reject, Stage
 
 from .flags import add_flag
+from .vad import SPLIT_FLAG
 
 ASR_EMPTY_FLAG = "asr_empty"
 NO_ASR_FLAG_PREFIX = "no_asr_for_language:"
@@ -62,7 +63,7 @@ class ManifestTranscript(Stage):
 
 
 def _was_split(record: dict[str, Any]) -> bool:
-    return "manifest_transcript_dropped_split" in (record.get("quality_flags") or [])
+    return SPLIT_FLAG in (record.get("quality_flags") or [])
 
 
 class PocketsphinxASR(Stage):

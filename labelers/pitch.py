@@ -22,8 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from echat.schemas.record import SAMPLE_RATE
 
-SAMPLE_RATE = 16_000
 FMIN_HZ = 60.0  # below the lowest adult male voices
 FMAX_HZ = 500.0  # above children's speaking F0; singing and screams above it are not our concern
 FRAME_LENGTH = 1024  # 64 ms: at least two periods of FMIN

@@ -4,7 +4,8 @@ English is spoken with an `en` voice; Mandarin is first turned into pinyin with 
 (pypinyin, Style.TONE3, neutral tone as 5) and spoken with `cmn-latn-pinyin`, because the plain
 `cmn` voice reads tone digits as English numbers. Speed, pitch and amplitude go on espeak-ng's
 command line; the pitch range goes in an SSML `<prosody range>` around the text. espeak-ng writes
-22,050 Hz WAV; the stage resamples it to the corpus rate (16 kHz) with soxr.
+22,050 Hz WAV; the stage resamples it to the corpus rate (16 kHz) with the resampler the decode
+stage uses (`labelers.audio.resample`, soxr VHQ), so user and reply audio go through the same one.
 
 `synthesize` is also what `echat demo-data` speaks its user turns with.
 """
@@ -26,6 +27,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from echat.labelers.audio import RESAMPLE_QUALITY, resample
 from echat.schemas import vocab
 from echat.schemas.record import SAMPLE_RATE
 from echat.schemas.stage import Reject, Stage
@@ -194,14 +196,6 @@ def synthesize(
     return audio, int(rate)
 
 
-def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
-    import soxr
-
-    if rate == target:
-        return audio.astype(np.float32, copy=False)
-    return soxr.resample(audio, rate, target, quality="HQ").astype(np.float32, copy=False)
-
-
 # ---------------------------------------------------------------------------------------------
 # the stage
 
@@ -275,14 +269,14 @@ class EspeakTTS(Stage):
         speakable = speakable_text(text, language)
         key = cache_key(
             backend=f"espeak-ng {self.version}", voice=self.voice(language), text=speakable,
-            prosody=prosody.model_dump(), sample_rate=SAMPLE_RATE,
+            prosody=prosody.model_dump(), sample_rate=SAMPLE_RATE, resampler=f"soxr {RESAMPLE_QUALITY}",
         )
         if self.cache is not None:
             cached = self.cache.get_array(key)
             if cached is not None and cached.ndim == 1 and cached.size:
                 return cached.astype(np.float32, copy=False)
         audio, rate = synthesize(speakable, self.voice(language), prosody, binary=self.binary, timeout_s=self.timeout_s)
-        waveform = resample(audio, rate)
+        waveform = resample(audio, rate, SAMPLE_RATE)
         if self.cache is not None:
             self.cache.put_array(key, waveform)
         return waveform

@@ -50,6 +50,17 @@ def test_speaks_16khz_mono_float32_of_plausible_length(tts):
     assert out["tts_model"] == f"espeak-ng {espeak_tts.espeak_version()} en-us+f3"
 
 
+def test_reply_audio_goes_through_the_decode_stages_resampler(tts):
+    # One resampler for the corpus: the user's audio (decode) and the reply's (here) match in quality.
+    from echat.labelers import audio
+
+    prosody = tts.prosody["NEUTRAL"]
+    native, rate = espeak_tts.synthesize(espeak_tts.speakable_text(TEXT, "en"), tts.voice("en"), prosody)
+    assert rate != SAMPLE_RATE
+    expected = audio.resample(native, rate, SAMPLE_RATE, quality=audio.RESAMPLE_QUALITY)
+    np.testing.assert_array_equal(tts.speak(TEXT, "en", "NEUTRAL"), expected)
+
+
 def test_happy_is_spoken_faster_than_worried(tts):
     happy = speak(tts, emotion="HAPPY")["reply_duration"]
     worried = speak(tts, emotion="WORRIED")["reply_duration"]
