@@ -7,7 +7,9 @@
 One optimiser step = `optim.grad_accum` micro-batches per rank (gradients all-reduced only on the
 last), then clipping, AdamW and the warm-up/decay schedule. bf16 autocast runs on CUDA only.
 Every `checkpoint.every` steps the whole training state is saved (model/checkpoint.py); a run
-resumed from step k reproduces the uninterrupted run's losses. Rank 0 writes metrics to
+resumed from step k reproduces the uninterrupted run's losses. A resumed run may set another
+run.max_steps (the schedule is rebuilt to decay over it); the optimiser and schedule settings
+(optim.lr, betas, warm-up, decay...) must stay those of the checkpoint. Rank 0 writes metrics to
 OUT/metrics.jsonl and TensorBoard (OUT/tensorboard) and a progress line to the console.
 """
 
@@ -108,6 +110,47 @@ def build_scheduler(optimizer, optim_cfg, max_steps: int):
 
     shape = WarmupDecay(optim_cfg.warmup_steps, max_steps, optim_cfg.decay, optim_cfg.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
+
+
+# Optimiser and schedule settings a resumed run must share with the run it continues: the saved
+# optimiser and scheduler state carry them, and loading that state would silently bring the old
+# values back. run.max_steps may change: the schedule is rebuilt for the new length.
+FIXED_ON_RESUME = ("lr", "betas", "eps", "weight_decay", "warmup_steps", "decay", "min_lr_ratio")
+
+
+def check_resume_config(saved_yaml: str, cfg: TrainConfig) -> int | None:
+    """Compare the config a checkpoint was written with (its train_config.yaml) with `cfg`.
+
+    Raises TrainConfigError naming every optim.* key of FIXED_ON_RESUME that changed. Returns the
+    saved run.max_steps when it differs from cfg's (the schedule must then be rebuilt), else None.
+    """
+    import yaml
+
+    saved = yaml.safe_load(saved_yaml) or {}
+    now = cfg.model_dump(mode="json")
+    saved_optim = saved.get("optim") or {}
+    changed = [
+        f"optim.{key} ({saved_optim[key]!r} -> {now['optim'][key]!r})"
+        for key in FIXED_ON_RESUME if key in saved_optim and saved_optim[key] != now["optim"][key]
+    ]
+    if changed:
+        raise TrainConfigError(
+            f"--resume cannot change {', '.join(changed)}: the checkpoint's optimiser and schedule state "
+            "were made with the old values. Resume with them, or start a new run from these weights "
+            "with model.init_from"
+        )
+    saved_steps = (saved.get("run") or {}).get("max_steps")
+    return saved_steps if saved_steps is not None and saved_steps != cfg.run.max_steps else None
+
+
+def reschedule(scheduler, optim_cfg, max_steps: int) -> None:
+    """Give a loaded LambdaLR the schedule of `max_steps` at its current step (load_state_dict
+    restores the saved WarmupDecay, run length included), and set the learning rate the next
+    optimiser step uses accordingly."""
+    shape = WarmupDecay(optim_cfg.warmup_steps, max_steps, optim_cfg.decay, optim_cfg.min_lr_ratio)
+    scheduler.lr_lambdas = [shape for _ in scheduler.lr_lambdas]
+    for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base_lr * shape(scheduler.last_epoch)
 
 
 def seed_everything(seed: int) -> None:
@@ -281,6 +324,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_after: int | None
             raise TrainConfigError("run.precision bf16 needs CUDA; use auto or fp32 on CPU")
         files = [path for path, _ in resolve_files(cfg.data.train)]  # fails early, naming a bad entry
         resume_from = _find_resume_point(resume, out)
+        old_max_steps = None
+        if resume_from is not None:
+            old_max_steps = check_resume_config((resume_from / "train_config.yaml").read_text(encoding="utf-8"), cfg)
         init_from = None
         if cfg.model.init_from and resume_from is None:
             init_from = ckpt.resolve_checkpoint(cfg.model.init_from)
@@ -330,6 +376,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_after: int | None
         rank_state = None
         if resume_from is not None:
             rank_state = ckpt.load_training_state(resume_from, wrapped, optimizer, scheduler, ctx)
+            if old_max_steps is not None:
+                reschedule(scheduler, cfg.optim, cfg.run.max_steps)
             step = start_step = int(rank_state["trainer"]["step"])
             counters.update(rank_state["trainer"].get("counters", {}))
             loader.load_state_dict(rank_state["data"])
@@ -353,6 +401,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_after: int | None
             + (f"resuming at step {step} from {resume_from}" if resume_from else
                f"initialised from {init_from}" if init_from else "from scratch")
         )
+        if old_max_steps is not None:
+            log.info(f"run.max_steps changed from {old_max_steps} to {cfg.run.max_steps}: the learning-rate "
+                     f"schedule now decays over {cfg.run.max_steps} steps (from step {step} on)")
         if stop_after is not None and stop_after <= step:
             log.info(f"nothing to do: the run is at step {step}, --stop-after-steps {stop_after}")
             return TrainSummary(out, start_step, step, step >= cfg.run.max_steps, True, [], resume_from,
@@ -421,7 +472,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_after: int | None
                     f"non-finite gradient norm at step {step + 1}; lower optim.lr or check the data "
                     f"(last checkpoint: {last_saved or resume_from})"
                 )
-            lr = scheduler.get_last_lr()[0]
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step applies
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -460,3 +460,28 @@ def test_a_later_lora_stage_keeps_what_the_earlier_stage_trained(demo_shards, tm
     assert any(not torch.equal(stage1[k], pretrained[k]) for k in trained_encoder)  # stage 1 changed it
     for name in trained_encoder:  # and stage 2's checkpoint brings stage 1's values back
         assert torch.equal(reloaded[name], stage1[name]), name
+
+
+@pytest.mark.slow
+def test_resume_with_more_steps_rebuilds_the_schedule_and_refuses_optimiser_changes(demo_shards, tmp_path):
+    from echat.model.train import WarmupDecay, train
+
+    common = ["optim.warmup_steps=1", "checkpoint.every=2", "log.every=1", "log.tensorboard=false"]
+    out = tmp_path / "run"
+    first = train(_tiny(demo_shards, out, *common, "run.max_steps=4"))
+    assert first.completed and first.last_step == 4
+
+    # A changed learning rate (or warm-up, decay, betas...) would be silently replaced by the saved
+    # optimiser/scheduler state: refused, naming the key, before anything is trained.
+    with pytest.raises(TrainConfigError, match=r"optim\.lr \(0\.002 -> 0\.001\).*optim\.warmup_steps \(1 -> 2\)"):
+        train(_tiny(demo_shards, out, *common, "run.max_steps=8", "optim.lr=1e-3", "optim.warmup_steps=2"), resume="latest")
+    assert ckpt.read_trainer_state(ckpt.resolve_checkpoint(out))["step"] == 4
+
+    longer = train(_tiny(demo_shards, out, *common, "run.max_steps=8"), resume="latest")
+    assert longer.start_step == 4 and longer.last_step == 8 and longer.completed
+    records = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    cfg = _tiny(demo_shards, out, *common, "run.max_steps=8")
+    new_shape = WarmupDecay(1, 8, cfg.optim.decay, cfg.optim.min_lr_ratio)
+    for step in range(5, 9):  # the learning rate follows the 8-step schedule, not the saved 4-step one
+        assert records[step]["lr"] == pytest.approx(cfg.optim.lr * new_shape(step - 1)), step
+    assert records[5]["lr"] > 2 * cfg.optim.lr * cfg.optim.min_lr_ratio  # the 4-step schedule had ended at the minimum
