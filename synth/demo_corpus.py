@@ -30,7 +30,9 @@ import yaml
 
 from echat.schemas import vocab
 
-from .espeak_tts import Prosody, resample, speakable_text, synthesize
+from echat.labelers.audio import resample
+
+from .espeak_tts import Prosody, speakable_text, synthesize
 
 DEFAULT_COUNT = 40
 LINES_FILE = "demo_lines.yaml"
