@@ -219,6 +219,7 @@ class ShardDataset(IterableDataset):
         sort_window: int,
         seed: int,
         feature_extractor: Any = None,
+        max_audio_frames: int | None = None,
     ):
         super().__init__()
         self.units = units
@@ -230,6 +231,7 @@ class ShardDataset(IterableDataset):
         self.sort_window = sort_window
         self.seed = seed
         self.feature_extractor = feature_extractor
+        self.max_audio_frames = max_audio_frames
         self.epoch = 0
         self.skip: list[int] = [0] * max(num_workers, 1)  # batches each worker leaves out (resume)
 
@@ -247,7 +249,7 @@ class ShardDataset(IterableDataset):
         """The worker's samples in shuffle-buffer order (before batching)."""
         def unshuffled() -> Iterator[Sample]:
             for unit in self.units_for(worker):
-                for record in read_unit(unit):
+                for record in read_unit(unit, self.max_audio_frames):
                     yield from self.builder.build(record, epoch=self.epoch)
 
         rng = random.Random(f"{self.seed}|{self.epoch}|{self.global_worker(worker)}|shuffle")
@@ -295,7 +297,9 @@ class ShardLoader:
     """Iterates `Batch`es over epochs; `state_dict()` / `load_state_dict()` give exact resumption.
 
     The state is (epoch, next worker in the round robin, batches taken from each worker). A state
-    only fits a loader with the same files, tasks, seed, rank, world size and number of workers.
+    only fits a loader with the same files, tasks, seed, rank, world size and number of workers,
+    and the same settings that shape the samples and batches (the fingerprint: batch limits,
+    shuffle sizes, label and instruction settings, instructions, tokenizer vocabulary).
     """
 
     def __init__(
@@ -418,6 +422,7 @@ def build_dataloader(
     chat_instruction_ratio: float = 0.0,
     instructions: str | None = None,
     feature_extractor: Any = None,
+    max_audio_frames: int | None = None,
     prefetch_factor: int | None = 2,
     pin_memory: bool = False,
 ) -> ShardLoader:
@@ -429,6 +434,9 @@ def build_dataloader(
     padded LLM length (batch size x longest `Sample.seq_len`: tokens, spliced speech positions and
     speech targets). sort_window: samples sorted together to form batches. epochs: None runs until
     the caller stops. pin_memory: hand out batches in page-locked memory (when CUDA is present).
+    max_audio_frames: the most mel frames the model's speech encoder takes (Whisper: 3000, 30 s;
+    `model.encoder.max_input_frames`); a record with longer audio keeps only its text-only tasks,
+    with a warning naming it (None: no limit).
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not within a world of {world_size}")
@@ -461,10 +469,25 @@ def build_dataloader(
         sort_window=sort_window,
         seed=seed,
         feature_extractor=feature_extractor,
+        max_audio_frames=max_audio_frames,
     )
-    # File names, not full paths: a resumed run may see the same shards under another mount point.
-    fingerprint = _fingerprint([os.path.basename(p) for p, _ in sources], builder.tasks, max_frames_per_batch, max_tokens_per_batch, shuffle_buffer, sort_window, think_text_ratio)
+    fingerprint = _fingerprint(
+        # File names, not full paths: a resumed run may see the same shards under another mount point.
+        [os.path.basename(p) for p, _ in sources], builder.tasks, max_frames_per_batch, max_tokens_per_batch,
+        shuffle_buffer, sort_window, think_text_ratio, min_label_score, chat_instruction_ratio, max_audio_frames,
+        # What the samples are made of: the instructions drawn from, and the token ids.
+        {task: builder.instructions.get(task) for task in builder.tasks}, _vocab_hash(tokenizer),
+    )
     return ShardLoader(dataset, epochs=epochs, prefetch_factor=prefetch_factor, pin_memory=pin_memory, fingerprint=fingerprint)
+
+
+def _vocab_hash(tokenizer: Any) -> str:
+    """A hash of the tokenizer's vocabulary (tokens and ids, added tokens included)."""
+    import hashlib
+    import json
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha1(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
 
 
 def _fingerprint(*parts: Any) -> str:

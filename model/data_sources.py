@@ -8,8 +8,9 @@ slice of the rows).
 
 Records come out as dicts with the fields of schemas/record.py plus the working keys `_audio` (an
 `AudioRef`, undecoded) and `_num_samples` (length at 16 kHz, read from the audio header). A record
-whose audio cannot be read keeps its text fields (text-only tasks still use it) with `_audio` None,
-and the reason is logged with its id.
+whose audio cannot be read, is too short for a mel frame, or is longer than the speech encoder
+takes (`max_frames`: Whisper's 30 s) keeps its text fields (text-only tasks still use it) with
+`_audio` None and `_audio_issue` saying why; the reason is logged with its id.
 
 OSUM raw lists (one JSON object per line: key, wav, txt, task, lang, extra{dataset, age, gender,
 think_str, question, speech_token, a_wav_path}, optional start/end) map onto the same fields:
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from echat.model.features import MIN_SAMPLES, AudioRef, audio_num_samples
+from echat.model.features import FRAMES_PER_SECOND, MIN_SAMPLES, SAMPLE_RATE, AudioRef, audio_num_samples, num_frames
 from echat.schemas import vocab
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,12 @@ COLUMNS = (
     "events", "events_score", "style", "style_score",
     "think_tags", "think_text", "reply_text", "reply_speech_tokens", "history",
 )
+
+
+# Why a record's audio was set aside (its `_audio_issue`): counted by these reasons.
+AUDIO_UNREADABLE = "audio unreadable"
+AUDIO_TOO_SHORT = "audio too short for a mel frame"
+AUDIO_TOO_LONG = "audio longer than the speech encoder takes"
 
 
 class DataSourceError(ValueError):
@@ -122,11 +129,15 @@ def plan_units(files: list[tuple[str, str]], min_units: int = 1) -> list[Unit]:
     return units
 
 
-def read_unit(unit: Unit) -> Iterator[dict[str, Any]]:
-    """The records of one unit, with `_audio` and `_num_samples` set."""
+def read_unit(unit: Unit, max_frames: int | None = None) -> Iterator[dict[str, Any]]:
+    """The records of one unit, with `_audio` and `_num_samples` set.
+
+    max_frames: the most mel frames (100 per second) the speech encoder takes; longer audio is set
+    aside like unreadable audio (`_audio` None, `_audio_issue` AUDIO_TOO_LONG, a warning naming it).
+    """
     rows = _parquet_rows(unit) if unit.kind == PARQUET else _raw_rows(unit)
     for row in rows:
-        yield _with_audio_length(row)
+        yield _with_audio_length(row, max_frames)
 
 
 def _part(items: list, unit: Unit) -> list:
@@ -160,7 +171,7 @@ def _audio_ref(data: bytes | None, path: str | None, base: str) -> AudioRef | No
     return None
 
 
-def _with_audio_length(row: dict[str, Any]) -> dict[str, Any]:
+def _with_audio_length(row: dict[str, Any], max_frames: int | None = None) -> dict[str, Any]:
     ref = row.get("_audio")
     row["_num_samples"] = 0
     if ref is None:
@@ -169,13 +180,22 @@ def _with_audio_length(row: dict[str, Any]) -> dict[str, Any]:
         n = audio_num_samples(ref)
     except Exception as err:  # soundfile raises LibsndfileError / RuntimeError / OSError
         log.warning("record %s: cannot read its audio %s (%s); only its text tasks are used", row.get("id"), ref.describe(), err)
-        row["_audio"] = None
-        return row
+        return _set_aside(row, AUDIO_UNREADABLE)
     if n < MIN_SAMPLES:
         log.warning("record %s: audio of %d samples is too short for a mel frame; only its text tasks are used", row.get("id"), n)
-        row["_audio"] = None
-        return row
+        return _set_aside(row, AUDIO_TOO_SHORT)
+    if max_frames is not None and num_frames(n) > max_frames:
+        log.warning("record %s: %.1f s of audio (%d mel frames) is longer than the speech encoder takes (%d frames, "
+                    "%.0f s); only its text tasks are used", row.get("id"), n / SAMPLE_RATE, num_frames(n), max_frames,
+                    max_frames / FRAMES_PER_SECOND)
+        return _set_aside(row, AUDIO_TOO_LONG)
     row["_num_samples"] = n
+    return row
+
+
+def _set_aside(row: dict[str, Any], issue: str) -> dict[str, Any]:
+    row["_audio"] = None
+    row["_audio_issue"] = issue
     return row
 
 

@@ -90,6 +90,12 @@ class WhisperSpeechEncoder(WhisperEncoder):
         hidden = self.layer_norm(hidden)
         return hidden, lengths
 
+    @property
+    def max_input_frames(self) -> int:
+        """The longest input in mel frames: conv2 (stride 2) gives one position per two frames and
+        the position table has `max_source_positions` rows (Whisper: 3000 frames, 30 s)."""
+        return 2 * int(self.config.max_source_positions)
+
     def output_lengths(self, feature_lengths: torch.Tensor) -> torch.Tensor:
         return conv_output_lengths(feature_lengths, [self.conv1, self.conv2])
 

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
-SAMPLE_RATE = 16_000
+from echat.schemas.record import SAMPLE_RATE  # 16 kHz: the rate every shard stores audio at
+
 HOP_LENGTH = 160
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
 N_FFT = 400
 MIN_SAMPLES = N_FFT  # shorter audio has no full analysis window (OSUM skips it too)
 

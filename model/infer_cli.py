@@ -10,7 +10,8 @@ list) the inputs come from the records: the user's audio, the reply text for <TE
 transcript for <TEXT2TEXT>, the earlier turns for <HISTORY>. Each prediction is written next to
 its reference, which is the training target the record gives for that task (built by the same
 sample builder as training); a record that lacks the target is still predicted, with reference
-null, and a record that lacks the task's input is skipped and counted.
+null, and a record that lacks the task's input is skipped and counted (so is, for the speech-input
+tasks, a record whose audio is longer than the model's speech encoder takes: 30 s for Whisper).
 
 Output: one JSON object per line and task: key, task, prediction (the text; for speech tasks
 speech_tokens too), reference (and reference_speech_tokens), language, finished.
@@ -122,7 +123,8 @@ class RecordTasks:
         assert not takes_text(task)
         audio = record.get("_audio")
         if audio is None:
-            return None, "no readable audio"
+            # Set aside when read (unreadable, too short, longer than the encoder takes), or none at all.
+            return None, record.get("_audio_issue") or "no audio"
         return audio, None
 
     def reference_of(self, record: dict[str, Any], task: str) -> tuple[str | None, list[int] | None]:
@@ -152,13 +154,15 @@ def _last_index_of(seq: list[int], sub: list[int]) -> int | None:
     return None
 
 
-def read_records(source: str, limit: int | None) -> Iterator[dict[str, Any]]:
+def read_records(source: str, limit: int | None, max_frames: int | None = None) -> Iterator[dict[str, Any]]:
+    """The records of `source` (the first `limit`); audio over `max_frames` mel frames is set aside
+    (`_audio` None, `_audio_issue` says why), as for training."""
     from echat.model.data_sources import plan_units, read_unit, resolve_files
 
     files = resolve_files([source])
     n = 0
     for unit in plan_units(files):
-        for record in read_unit(unit):
+        for record in read_unit(unit, max_frames):
             if limit is not None and n >= limit:
                 return
             n += 1
@@ -203,7 +207,8 @@ def run_shards(predictor, tasks: list[str], args: argparse.Namespace, sink) -> d
     n_records = 0
     started = time.perf_counter()
     # Records stream in chunks, so a large shard folder never sits in memory as a whole.
-    for records in _chunks(read_records(args.shards, args.limit), RECORDS_PER_CHUNK):
+    records_in = read_records(args.shards, args.limit, max_frames=predictor.max_frames)
+    for records in _chunks(records_in, RECORDS_PER_CHUNK):
         n_records += len(records)
         for task in tasks:
             inputs, keys, refs, languages, histories = [], [], [], [], []

@@ -28,12 +28,12 @@ import numpy as np
 
 from echat.model import prompts
 from echat.schemas import vocab
+from echat.schemas.record import SAMPLE_RATE
 
 TEXT_INPUT_TASKS = ("<TEXT2TEXT>", "<TEXT2TOKEN>")
 SPEECH_TAG = "<TEXT2TOKEN>"
 THINK_TAG = "<THINK>"
 CHAT_TASK_THINK = "<S2TCHAT> <TEXT2TOKEN> <THINK>"
-SAMPLE_RATE = 16_000
 
 AudioInput = Union[str, Path, bytes, np.ndarray, tuple]
 
@@ -267,7 +267,7 @@ class Predictor:
         n_mels = int(model.encoder.config.num_mel_bins)
         self.extractor = LogMelExtractor(n_mels=n_mels)
         # Whisper's position table bounds the input: 2 mel frames per encoder position (30 s).
-        self.max_frames = 2 * int(model.encoder.config.max_source_positions)
+        self.max_frames = model.encoder.max_input_frames
         self.model.eval()
 
     @classmethod
@@ -324,16 +324,15 @@ class Predictor:
         ).to(self.device)
 
     def _waveform(self, item: AudioInput, key: str) -> np.ndarray:
-        from echat.model.features import MIN_SAMPLES
+        from echat.model.features import FRAMES_PER_SECOND, MIN_SAMPLES, num_frames
 
         wav = load_waveform(item)
         if len(wav) < MIN_SAMPLES:
             raise InferenceError(f"{key}: audio of {len(wav)} samples is too short (at least {MIN_SAMPLES} at 16 kHz)")
-        frames = len(wav) // 160
-        if frames > self.max_frames:
+        if num_frames(len(wav)) > self.max_frames:
             raise InferenceError(
                 f"{key}: {len(wav) / SAMPLE_RATE:.1f} s of audio is longer than the encoder's "
-                f"{self.max_frames / 100:.0f} s; split it first"
+                f"{self.max_frames / FRAMES_PER_SECOND:.0f} s; split it first"
             )
         return wav
 

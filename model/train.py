@@ -366,6 +366,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_after: int | None
             think_text_ratio=cfg.data.think_text_ratio, epochs=cfg.data.epochs,
             max_tokens_per_batch=cfg.data.max_tokens_per_batch, sort_window=cfg.data.sort_window,
             min_label_score=cfg.data.min_label_score, chat_instruction_ratio=cfg.data.chat_instruction_ratio,
+            max_audio_frames=model.encoder.max_input_frames,  # longer audio would stop the run in the encoder
             pin_memory=ctx.device.type == "cuda",
         )
 

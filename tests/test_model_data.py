@@ -416,6 +416,26 @@ def test_unreadable_audio_keeps_the_text_tasks(tmp_path, tokenizer, caplog):
     assert builder.supported_tasks(record) == ["<TEXT2TEXT>"]
 
 
+def test_audio_longer_than_the_encoder_takes_keeps_only_the_text_tasks(tmp_path, tokenizer, caplog):
+    wavs = {"short": np.zeros(16000, np.float32), "long": np.zeros(40000, np.float32)}  # 1 s and 2.5 s
+    rows = [record_schema.to_row(_record(i, wav, id=key, transcript="so tired", reply_text="Rest a little."))
+            for i, (key, wav) in enumerate(wavs.items())]
+    path = tmp_path / "lengths.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=record_schema.arrow_schema()), path)
+    tasks = {"<TRANSCRIBE>": 1.0, "<TEXT2TEXT>": 1.0}
+    # A limit of 200 mel frames (2 s), as a speech encoder with max_source_positions 100 would take.
+    loader = build_dataloader([str(path)], tokenizer, tasks=tasks, max_frames_per_batch=100000, shuffle_buffer=0,
+                              seed=1, epochs=1, max_audio_frames=200)
+    got = sorted((k, t) for b in loader for k, t in zip(b.keys, b.tasks))
+    assert got == [("long", "<TEXT2TEXT>"), ("short", "<TEXT2TEXT>"), ("short", "<TRANSCRIBE>")]
+    assert "record long: 2.5 s of audio (250 mel frames) is longer than the speech encoder takes (200 frames" in caplog.text
+    (unit,) = plan_units(resolve_files([str(path)]))
+    long = next(r for r in read_unit(unit, max_frames=200) if r["id"] == "long")
+    assert long["_audio"] is None and long["_audio_issue"] == "audio longer than the speech encoder takes"
+    # Without a limit the long record keeps its audio (and its speech tasks).
+    assert next(r for r in read_unit(unit) if r["id"] == "long")["_audio"] is not None
+
+
 # ----------------------------------------------------------------------------- batching
 
 
@@ -548,12 +568,28 @@ def test_resume_gives_exactly_the_uninterrupted_tail(tokenizer, corpus, workers,
             assert torch.equal(a.features, b.features) and torch.equal(a.speech_tokens, b.speech_tokens)
 
 
-def test_a_state_from_another_loader_is_refused(tokenizer, corpus):
+def test_a_state_from_another_loader_is_refused(tokenizer, corpus, tmp_path):
     state = _loader(tokenizer, corpus["folder"]).state_dict()
+    _loader(tokenizer, corpus["folder"]).load_state_dict(state)  # the same settings: accepted
     with pytest.raises(ValueError, match="num_workers"):
         _loader(tokenizer, corpus["folder"], num_workers=2).load_state_dict(state)
+    # Every setting that changes which samples are made, or how they are batched, is in the fingerprint.
+    instructions = tmp_path / "instructions"
+    instructions.mkdir()
+    table = {task: list(texts) for task, texts in prompts.load_instructions().items()}
+    table["<TRANSCRIBE>"] = ["Write down what is said."]
+    (instructions / "all.yaml").write_text(json.dumps(table), encoding="utf-8")  # JSON is YAML
+    for changed in (dict(max_frames_per_batch=1000), dict(min_label_score=0.5), dict(chat_instruction_ratio=0.5),
+                    dict(instructions=str(instructions)), dict(max_audio_frames=3000)):
+        with pytest.raises(ValueError, match="fingerprint"):
+            _loader(tokenizer, corpus["folder"], **changed).load_state_dict(state)
+    # The tokenizer: another one with the same vocabulary fits, one with a token more does not.
+    trained = _loader(_train_tokenizer(), corpus["folder"]).state_dict()
+    same, more = _train_tokenizer(), _train_tokenizer()
+    more.add_tokens(["tiredness"])
+    _loader(same, corpus["folder"]).load_state_dict(trained)
     with pytest.raises(ValueError, match="fingerprint"):
-        _loader(tokenizer, corpus["folder"], max_frames_per_batch=1000).load_state_dict(state)
+        _loader(more, corpus["folder"]).load_state_dict(trained)
 
 
 # ----------------------------------------------------------------------------- OSUM raw lists

@@ -86,3 +86,48 @@ def test_check_tokens():
         token2wav.check_tokens([1, 4096])
     with pytest.raises(ValueError, match="no speech tokens"):
         token2wav.check_tokens([])
+
+
+def test_infer_shards_skips_and_counts_audio_longer_than_the_encoder_takes(tmp_path):
+    """`echat infer --shards` sets aside a record whose audio the encoder cannot take (here a tiny
+    model whose encoder takes 200 mel frames, 2 s) and goes on with the rest, text tasks included."""
+    import argparse
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from echat.model import infer_cli
+    from echat.model.config import config_from_dict, load_config
+    from echat.model.osum import build_model
+    from echat.schemas import record as record_schema
+
+    data = load_config("tiny").model_dump(mode="json")
+    data["encoder"]["architecture"]["max_source_positions"] = 100
+    model = build_model(config_from_dict(yaml.safe_load(yaml.safe_dump(data))))
+    predictor = inf.Predictor(model, model.tokenizer, model.config, device="cpu")
+    assert predictor.max_frames == 200
+
+    rows = []
+    for key, seconds in (("short", 1.0), ("long", 2.5)):
+        buf = io.BytesIO()
+        sf.write(buf, np.zeros(int(seconds * 16000), np.float32), 16000, format="FLAC")
+        rows.append(record_schema.to_row({
+            "id": key, "source_uri": f"/in/{key}.wav", "audio": {"bytes": buf.getvalue(), "path": f"{key}.flac"},
+            "sampling_rate": 16000, "duration": seconds, "segment_start": 0.0, "segment_end": seconds, "language": "en",
+            "transcript": "so tired", "reply_text": "Rest a little.", "schema_version": record_schema.SCHEMA_VERSION,
+            "pipeline_version": "test",
+        }))
+    shard = tmp_path / "shard.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=record_schema.arrow_schema()), shard)
+
+    parser = argparse.ArgumentParser()
+    infer_cli.add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", "unused", "--task", "x", "--shards", str(shard), "--output", "x.jsonl",
+                              "--max-text-tokens", "2"])
+    written = []
+    summary = infer_cli.run_shards(predictor, ["<TRANSCRIBE>", "<TEXT2TEXT>"], args, written.append)
+    assert summary["predictions"] == {"<TRANSCRIBE>": 1, "<TEXT2TEXT>": 2}
+    assert summary["skipped"] == {"<TRANSCRIBE>: audio longer than the speech encoder takes": 1}
+    assert sorted((r["task"], r["key"]) for r in written) == [
+        ("<TEXT2TEXT>", "long"), ("<TEXT2TEXT>", "short"), ("<TRANSCRIBE>", "short")]

@@ -485,3 +485,20 @@ def test_resume_with_more_steps_rebuilds_the_schedule_and_refuses_optimiser_chan
     for step in range(5, 9):  # the learning rate follows the 8-step schedule, not the saved 4-step one
         assert records[step]["lr"] == pytest.approx(cfg.optim.lr * new_shape(step - 1)), step
     assert records[5]["lr"] > 2 * cfg.optim.lr * cfg.optim.min_lr_ratio  # the 4-step schedule had ended at the minimum
+
+
+@pytest.mark.slow
+def test_audio_longer_than_the_encoder_takes_is_set_aside_not_a_crash(demo_shards, tmp_path, caplog):
+    """train() gives the loader the encoder's input limit from the model config: with an encoder
+    that takes 1 s (max_source_positions 50), the demo's longer utterances keep only their text
+    tasks instead of stopping the run in the encoder."""
+    data = yaml.safe_load((REPO / "model/configs/tiny.yaml").read_text())
+    data["encoder"]["architecture"]["max_source_positions"] = 50
+    model_cfg = tmp_path / "tiny-1s.yaml"
+    model_cfg.write_text(yaml.safe_dump(data))
+    from echat.model.train import train
+
+    summary = train(_tiny(demo_shards, tmp_path / "run", f"model.config={model_cfg}", "run.max_steps=2",
+                          "optim.warmup_steps=1", "log.tensorboard=false"))
+    assert summary.completed
+    assert "is longer than the speech encoder takes (100 frames, 1 s); only its text tasks are used" in caplog.text
