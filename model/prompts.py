@@ -10,11 +10,14 @@ Layout of one sample (OSUM-EChat's `llmasr_model_instruct_version.py`, forward):
 The instruction comes before the speech, as OSUM puts its prompt embeddings before the speech
 embeddings. The dialogue tasks carry no instruction there (OSUM-EChat feeds the speech alone and
 names the mode in the system prompt); text-to-speech puts the text to speak in the user turn and
-text chat the user's words. Everything before the target is masked from the loss, and so is each
+text chat the user's words, on a line of their own after the instruction when there is one
+(`{instruction}\n{text}`). Everything before the target is masked from the loss, and so is each
 `<&&>` placeholder inside the target (an unknown label in the tag-form reasoning).
 
 The task tags' paraphrased instructions are data: `model/instructions/*.yaml`, each a mapping
-task tag -> list of instructions, the layout of OSUM's own `prompt_config.yaml`.
+task tag -> list of instructions, the layout of OSUM's own `prompt_config.yaml`. System prompts
+and instructions name the reasoning markers in words ("think tags"), never as `<think>`: the
+tokenizer would read that as the control token itself.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from typing import Any, Iterable
 
 import yaml
 
-from echat.model.batch import IGNORE_INDEX
 from echat.schemas import vocab
 
 # Special tokens, by string: the tokenizer maps each to one id (model/tokenizer.py builds them).
@@ -38,6 +40,7 @@ AUDIO = "<|audio|>"  # the one placeholder the model replaces with the speech em
 THINK_START = "<think>"
 THINK_END = "<think end>"
 UNKNOWN = vocab.UNKNOWN_PLACEHOLDER  # "<&&>"
+INSTRUCTION_SEPARATOR = "\n"  # between an instruction and the user's text in one user turn
 
 # Output types: each has its own system prompt. The wording follows the roles of OSUM-EChat's
 # system prompts (understanding, speech-to-text chat, thinking, speech-to-speech, TTS, text chat).
@@ -61,7 +64,7 @@ SYSTEM_PROMPTS: dict[str, str] = {
     ),
     S2T_THINK: (
         "You are a thinking speech-to-text dialogue assistant. You understand both what is said and how "
-        "it is said. Before replying, you reason inside <think>...<think end> about the user's words and "
+        "it is said. Before replying, you reason between think tags about the user's words and "
         "vocal cues, then you reply with appropriate text only."
     ),
     S2S: (
@@ -71,7 +74,7 @@ SYSTEM_PROMPTS: dict[str, str] = {
     ),
     S2S_THINK: (
         "You are a speech-to-speech dialogue assistant. You understand both the meaning and the "
-        "paralinguistic cues of speech. Before replying, you reason inside <think>...<think end> about "
+        "paralinguistic cues of speech. Before replying, you reason between think tags about "
         "the user's words and vocal cues, then you reply with appropriate text and emotionally matching "
         "synthetic speech."
     ),
@@ -86,6 +89,10 @@ LABEL_TAGS: dict[str, str] = {
     "<AGE>": "age",
     "<STYLE>": "style",
     "<CAPTION>": "events",
+}
+# The vocabulary of each label field: what a training target may name and what evaluation scores.
+LABEL_VOCAB: dict[str, tuple[str, ...]] = {
+    "emotion": vocab.EMOTIONS, "gender": vocab.GENDERS, "age": vocab.AGES, "style": vocab.STYLES, "events": vocab.EVENTS,
 }
 TRANSCRIBE, ALIGN = "<TRANSCRIBE>", "<ALIGN>"
 # Tasks whose user turn carries no instruction by default (see the module docstring).
@@ -197,10 +204,12 @@ def _read_instructions(folder: Path) -> dict[str, tuple[str, ...]]:
 
 @dataclass(frozen=True)
 class Segment:
-    """A piece of text and whether its tokens are trained on (labels) or masked."""
+    """A piece of text, whether its tokens are trained on (labels) or masked, and whether its ids
+    are worth caching (fixed pieces and instructions: few distinct texts, met again and again)."""
 
     text: str
     train: bool = False
+    cache: bool = False
 
 
 def target_segments(target: str) -> list[Segment]:
@@ -211,7 +220,7 @@ def target_segments(target: str) -> list[Segment]:
         if piece:
             segments.append(Segment(piece, train=True))
         if i < len(pieces) - 1:
-            segments.append(Segment(UNKNOWN, train=False))
+            segments.append(Segment(UNKNOWN, train=False, cache=True))
     return segments
 
 
@@ -219,10 +228,14 @@ class ChatEncoder:
     """Turns segments into token ids and labels with one tokenizer (any PreTrainedTokenizerFast).
 
     Segments are tokenized one by one, so the label mask follows segment bounds exactly, and the
-    fixed pieces (system prompts, turn markers) are cached.
+    ids of segments marked `cache` (system prompts, turn markers, instructions) are kept; user
+    texts, history turns and targets are not, so the cache stays as small as the fixed pieces.
     """
 
     def __init__(self, tokenizer: Any):
+        from echat.model.batch import IGNORE_INDEX  # here: this module stays free of torch
+
+        self.ignore_index = IGNORE_INDEX
         self.tokenizer = tokenizer
         missing = [t for t in (IM_START, IM_END, AUDIO) if _single_token_id(tokenizer, t) is None]
         if missing:
@@ -237,7 +250,7 @@ class ChatEncoder:
         self.pad_id = int(pad)
         self._cache: dict[str, list[int]] = {}
 
-    _CACHE_SIZE = 4096  # fixed pieces and instructions fit; user texts must not grow it forever
+    _CACHE_SIZE = 4096  # a safety bound: fixed pieces and instructions are a few hundred texts
 
     def ids(self, text: str, cache: bool = False) -> list[int]:
         hit = self._cache.get(text) if cache else None
@@ -252,9 +265,9 @@ class ChatEncoder:
         input_ids: list[int] = []
         labels: list[int] = []
         for seg in segments:
-            ids = self.ids(seg.text, cache=not seg.train)
+            ids = self.ids(seg.text, cache=seg.cache)
             input_ids.extend(ids)
-            labels.extend(ids if seg.train else [IGNORE_INDEX] * len(ids))
+            labels.extend(ids if seg.train else [self.ignore_index] * len(ids))
         return input_ids, labels
 
     def prompt_ids(
@@ -279,25 +292,30 @@ def prompt_segments(
     with_audio: bool = True,
     history: list[dict[str, str]] | None = None,
 ) -> list[Segment]:
-    """System prompt, earlier turns, then the user turn: [instruction][user_text][<|audio|>]."""
+    """System prompt, earlier turns, then the user turn: [instruction][\n user_text][<|audio|>].
+
+    An instruction and a user text are two lines ("Read the following text aloud.\nHello."), so
+    the model sees where the instruction ends; the speech follows the instruction directly, as
+    OSUM puts its prompt embeddings right before the speech embeddings.
+    """
     if out_type not in SYSTEM_PROMPTS:
         raise ValueError(f"unknown output type {out_type!r}; known: {', '.join(SYSTEM_PROMPTS)}")
-    segs = [Segment(f"{IM_START}system\n{SYSTEM_PROMPTS[out_type]}{IM_END}\n")]
+    segs = [Segment(f"{IM_START}system\n{SYSTEM_PROMPTS[out_type]}{IM_END}\n", cache=True)]
     for turn in history or []:
         role = turn.get("role")
         if role not in ("user", "assistant"):
             raise ValueError(f"history turn role must be 'user' or 'assistant', not {role!r}")
-        segs.append(Segment(f"{IM_START}{role}\n"))
+        segs.append(Segment(f"{IM_START}{role}\n", cache=True))
         segs.append(Segment(turn.get("text") or ""))
-        segs.append(Segment(f"{IM_END}\n"))
-    segs.append(Segment(f"{IM_START}user\n"))
+        segs.append(Segment(f"{IM_END}\n", cache=True))
+    segs.append(Segment(f"{IM_START}user\n", cache=True))
     if instruction:
-        segs.append(Segment(instruction))
+        segs.append(Segment(f"{instruction}{INSTRUCTION_SEPARATOR}" if user_text else instruction, cache=True))
     if user_text:
         segs.append(Segment(user_text))
     if with_audio:
-        segs.append(Segment(AUDIO))
-    segs.append(Segment(f"{IM_END}\n{IM_START}assistant\n"))
+        segs.append(Segment(AUDIO, cache=True))
+    segs.append(Segment(f"{IM_END}\n{IM_START}assistant\n", cache=True))
     return [s for s in segs if s.text]
 
 

@@ -41,7 +41,7 @@ from typing import Any
 
 from echat.model import prompts
 from echat.model.features import AudioRef, num_frames
-from echat.model.prompts import Segment
+from echat.model.prompts import LABEL_VOCAB, Segment
 from echat.schemas import vocab
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ SPEECH_CODES = 4096  # CosyVoice 25 Hz codes are 0..4095
 # Mel frames (100 Hz) per LLM position: the Whisper conv halves them, the adapter's strides 2 and 2
 # quarter them again (12.5 Hz), DESIGN.md "The model package".
 FRAMES_PER_POSITION = 8
-LABEL_VOCAB = {"emotion": vocab.EMOTIONS, "gender": vocab.GENDERS, "age": vocab.AGES, "style": vocab.STYLES, "events": vocab.EVENTS}
 
 
 @dataclass

@@ -228,6 +228,50 @@ def test_inference_prompt_matches_the_training_prompt(tokenizer, corpus):
     assert tokenizer.decode(prompt).endswith("<|audio|><|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_an_instruction_and_the_user_text_are_two_lines(tokenizer, corpus):
+    segments = prompts.prompt_segments(prompts.T2T, instruction="Answer the user's message below.",
+                                       user_text="I feel so tired", with_audio=False)
+    assert "".join(s.text for s in segments).endswith(
+        "<|im_start|>user\nAnswer the user's message below.\nI feel so tired<|im_end|>\n<|im_start|>assistant\n")
+    # Training samples are built through the same layout (inference too: test_model_infer's parity test).
+    record = next(r for r in _read_records(corpus["folder"]) if r["id"] == "rec000")
+    builder = SampleBuilder(tokenizer, {"<TEXT2TEXT>": 1.0}, chat_instruction_ratio=1.0)
+    text = tokenizer.decode(builder.build_task(record, "<TEXT2TEXT>", random.Random(0)).input_ids)
+    user_turn = text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+    instruction, user_text = user_turn.split("\n")
+    assert instruction in prompts.load_instructions()["<TEXT2TEXT>"] and user_text == record["transcript"]
+    # Speech follows the instruction directly, as in OSUM.
+    segments = prompts.prompt_segments(prompts.UNDERSTAND, instruction="Transcribe the audio.")
+    assert "".join(s.text for s in segments).endswith("user\nTranscribe the audio.<|audio|><|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_system_prompts_and_instructions_hold_no_special_token(tokenizer):
+    from echat.model.tokenizer import SPECIAL_TOKENS
+
+    texts = list(prompts.SYSTEM_PROMPTS.values()) + [s for items in prompts.load_instructions().values() for s in items]
+    for text in texts:
+        assert not [t for t in SPECIAL_TOKENS if t in text], text
+        special_ids = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert not special_ids & set(ids), text
+
+
+def test_the_encoder_caches_fixed_pieces_and_instructions_not_user_texts(tokenizer):
+    encoder = prompts.ChatEncoder(tokenizer)
+    history = [{"role": "user", "text": "Earlier words."}, {"role": "assistant", "text": "An earlier reply."}]
+    encoder.prompt_ids(prompts.T2T, instruction="Answer the message below.", user_text="warm up", history=history,
+                       with_audio=False)
+    cached = dict(encoder._cache)
+    for i in range(50):
+        ids = encoder.prompt_ids(prompts.T2T, instruction="Answer the message below.", user_text=f"message number {i}",
+                                 history=[{"role": "user", "text": f"turn {i}"}], with_audio=False)
+        assert tokenizer.decode(ids).endswith(f"below.\nmessage number {i}<|im_end|>\n<|im_start|>assistant\n")
+    assert encoder._cache == cached  # no user text or history turn entered it
+    assert "Answer the message below.\n" in cached and not any("message number" in k or "turn" in k for k in cached)
+    encoder.encode(prompts.target_segments("a reply<&&>"))
+    assert "a reply" not in encoder._cache
+
+
 # ----------------------------------------------------------------------------- samples
 
 
