@@ -8,8 +8,9 @@ Rows are grouped by task tag and scored by what the task outputs:
 
 - transcript (every task with `<TRANSCRIBE>`): WER for English (words), CER for Chinese (one token
   per Chinese character; a Latin word inside Chinese text counts as one token). Both sides are
-  normalised first: label tags and `<0.3>` timestamps removed, lower case, punctuation removed,
-  spaces collapsed. The language is the row's `language`, else Chinese when the reference holds a
+  normalised first: label tags and `<0.3>` timestamps removed, lower case, punctuation other than
+  apostrophes turned into spaces (so `stop—it's` stays two words), then apostrophes dropped
+  (`it's` -> `its`), spaces collapsed. The language is the row's `language`, else Chinese when the reference holds a
   Chinese character. Rates are corpus-level (total edits / total reference tokens) via `jiwer`.
 - labels (`<EMOTION>`, `<GENDER>`, `<AGE>`, `<STYLE>`, also after `<TRANSCRIBE>`): accuracy, per-class
   counts (support, predicted, correct, recall) and a confusion table. A label is the first `<TAG>`
@@ -23,8 +24,10 @@ Rows are grouped by task tag and scored by what the task outputs:
 - free-form replies and speech tokens (`<S2TCHAT>`, `<TEXT2TEXT>`, `<TEXT2TOKEN>`, `<HISTORY>`)
   have no reference metric here; they are counted as unscored.
 
-A task that is not an OSUM task tag is reported under `skipped` with the reason, never scored by
-guess. A reference label written as the unknown placeholder `<&&>` (or missing) is not scored, nor
+Any task that training and inference take is scored: the tags of schemas/vocab.py and every
+`[<TRANSCRIBE>] <LABEL> [<LABEL> ...]` combination (`<TRANSCRIBE> <STYLE>`, `<AGE> <GENDER>`), by the
+same rule (prompts.is_known_task). Any other task is reported under `skipped` with the reason,
+never scored by guess. A reference label written as the unknown placeholder `<&&>` (or missing) is not scored, nor
 is a row whose `reference` is null (counted as `without_reference`).
 """
 
@@ -34,26 +37,26 @@ import argparse
 import json
 import re
 import sys
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from echat.model import prompts
 from echat.schemas import vocab
 
 REQUIRED_KEYS = ("key", "task", "prediction", "reference")
 NONE_CLASS = "<none>"  # the predicted class of an answer that names no label of the vocabulary
 
-# Label tags -> (record field name, vocabulary).
-LABEL_VOCABS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "<EMOTION>": ("emotion", vocab.EMOTIONS),
-    "<GENDER>": ("gender", vocab.GENDERS),
-    "<AGE>": ("age", vocab.AGES),
-    "<STYLE>": ("style", vocab.STYLES),
-}
 CAPTION = "<CAPTION>"
-TRANSCRIBE = "<TRANSCRIBE>"
+TRANSCRIBE = prompts.TRANSCRIBE
 THINK = "<THINK>"
+# Single-label tags -> (record field name, vocabulary), from the tables training uses; <CAPTION>
+# (a set of events) is scored apart.
+LABEL_VOCABS: dict[str, tuple[str, tuple[str, ...]]] = {
+    tag: (field, prompts.LABEL_VOCAB[field]) for tag, field in prompts.LABEL_TAGS.items() if tag != CAPTION
+}
 UNSCORED_TAGS = ("<S2TCHAT>", "<TEXT2TEXT>", "<TEXT2TOKEN>", "<HISTORY>")
 
 # Fields of the tag-form reasoning that carry a label (DESIGN.md: `Age: <adult>; ... Reply emotion:`).
@@ -67,6 +70,7 @@ THINK_FIELDS: dict[str, tuple[str, ...]] = {
 
 _TAG = re.compile(r"<([^<>]*)>")
 _TIMESTAMP = re.compile(r"<\s*\d+(?:\.\d+)?\s*>")
+_APOSTROPHES = "'\u2019\u02bc"  # ' ’ ʼ: inside words (it's, don't), dropped without a space
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 # A Chinese character, or a run of anything else that is not a space or a Chinese character.
 _ZH_TOKEN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\s\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
@@ -123,13 +127,18 @@ def language_of(reference: str, language: str | None = None) -> str:
     return "zh" if _CJK.search(reference) else "en"
 
 
+def remove_punctuation(text: str) -> str:
+    """Punctuation (Unicode category P*) becomes a space, except apostrophes, which are dropped:
+    `"stop—it's 3.5"` -> `stop its 3 5` (jiwer's RemovePunctuation would join `stopits 35`)."""
+    spaced = "".join(" " if unicodedata.category(ch).startswith("P") and ch not in _APOSTROPHES else ch for ch in text)
+    return "".join(ch for ch in spaced if ch not in _APOSTROPHES)
+
+
 def normalize_transcript(text: str, language: str) -> list[str]:
     """Scoring tokens: English words, or Chinese characters (Latin words kept whole)."""
-    import jiwer
-
     text = _TIMESTAMP.sub(" ", text)
     text = strip_tags(text).lower()
-    text = jiwer.RemovePunctuation()(text)
+    text = remove_punctuation(text)
     if language == "zh":
         return _ZH_TOKEN.findall(text)
     return text.split()
@@ -303,12 +312,16 @@ class _EventSets:
 
 
 def _split_task(task: Any) -> tuple[str | None, str | None]:
-    """(normalised task, None) for a known OSUM task tag, else (None, reason)."""
-    if not isinstance(task, str) or not task.strip():
+    """(normalised task, None) for a task training and inference take, else (None, reason)."""
+    if not isinstance(task, str):
         return None, f"task is not a tag string: {task!r}"
-    normalised = " ".join(task.replace(">", "> ").split())
-    if normalised not in vocab.TASK_TAGS:
-        return None, f"unknown task {task!r} (known: {', '.join(vocab.TASK_TAGS)})"
+    try:
+        normalised = prompts.normalize_task(task)
+    except ValueError:
+        return None, f"task is not a tag string: {task!r}"
+    if not prompts.is_known_task(normalised):
+        return None, (f"unknown task {task!r} (known: {', '.join(vocab.TASK_TAGS)}, or an optional <TRANSCRIBE> "
+                      "followed by label tags)")
     return normalised, None
 
 

@@ -51,6 +51,17 @@ def test_normalisation_ignores_case_punctuation_spaces_and_tags():
     assert ev.normalize_transcript("It's  FINE, really.<SAD>", "en") == ["its", "fine", "really"]
 
 
+def test_punctuation_separates_words_and_apostrophes_join_them():
+    # A dash or a decimal point between words is a word boundary; an apostrophe is part of the word.
+    assert ev.normalize_transcript("stop\u2014it's 3.5", "en") == ["stop", "its", "3", "5"]
+    assert ev.normalize_transcript("Don\u2019t  stop-it, OK?", "en") == ["dont", "stop", "it", "ok"]
+    report = ev.evaluate([_row("<TRANSCRIBE>", "Stop, it's 3 5", "stop\u2014it's 3.5", key="a"),
+                          _row("<TRANSCRIBE>", "stopits 35", "stop\u2014it's 3.5", key="b")])
+    m = report["tasks"]["<TRANSCRIBE>"]["metrics"]["transcript_en"]
+    # Row a matches word for word; row b has merged words: 2 substitutions and 2 deletions of 4.
+    assert m["reference_tokens"] == 8 and m["wer"] == pytest.approx(4 / 8)
+
+
 def test_chinese_cer_counts_characters_and_ignores_punctuation():
     # 今天天气很好 (6 characters) vs 今天天气不好 with a full-width comma: 1 substitution / 6.
     report = ev.evaluate([_row("<TRANSCRIBE>", "今天，天气不好。", "今天天气很好")])
@@ -158,6 +169,30 @@ def test_unknown_task_is_skipped_with_a_reason():
     assert count == 1 and "unknown task '<TRANSLATE>'" in reason
     # Spacing between tags does not matter.
     assert "<TRANSCRIBE> <EMOTION>" in ev.evaluate([_row("<TRANSCRIBE><EMOTION>", "a<SAD>", "a<SAD>")])["tasks"]
+    # Tag orders and repeats that training does not take are skipped too.
+    report = ev.evaluate([_row("<STYLE> <TRANSCRIBE>", "a", "a"), _row("<EMOTION> <EMOTION>", "<SAD>", "<SAD>")])
+    assert report["tasks"] == {} and sum(report["skipped"].values()) == 2
+
+
+def test_every_label_combination_training_takes_is_scored():
+    rows = [
+        _row("<TRANSCRIBE> <STYLE>", "good evening<NEWS/SCIENCE>", "good evening all<NEWS/SCIENCE>", key="1"),
+        _row("<TRANSCRIBE> <STYLE>", "hello<AUDIOBOOK>", "hello<FAIRY TALE>", key="2"),
+        _row("<AGE> <GENDER>", "<ADULT><FEMALE>", "<ADULT><MALE>", key="3"),
+        _row("<GENDER> <AGE>", "<FEMALE><OLD>", "<FEMALE><OLD>", key="4"),
+        _row("<TRANSCRIBE> <CAPTION>", "oh no<COUGH>", "oh no<COUGH><SIGH>", key="5"),
+    ]
+    report = ev.evaluate(rows)
+    assert report["skipped"] == {}
+    tasks = report["tasks"]
+    style = tasks["<TRANSCRIBE> <STYLE>"]["metrics"]
+    assert style["style"]["accuracy"] == pytest.approx(1 / 2)
+    assert style["transcript_en"]["wer"] == pytest.approx(1 / 4)  # one deletion in 4 reference words
+    pair = tasks["<AGE> <GENDER>"]["metrics"]
+    assert (pair["age"]["accuracy"], pair["gender"]["accuracy"]) == (1.0, 0.0)
+    assert tasks["<GENDER> <AGE>"]["metrics"]["gender"]["accuracy"] == 1.0
+    caption = tasks["<TRANSCRIBE> <CAPTION>"]["metrics"]
+    assert caption["transcript_en"]["wer"] == 0.0 and caption["events"]["recall"] == pytest.approx(1 / 2)
 
 
 def test_cli_writes_report_and_table(tmp_path, capsys):
