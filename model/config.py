@@ -114,7 +114,9 @@ class TokenizerConfig(_Strict):
 class CheckpointConfig(_Strict):
     """A whole-model checkpoint laid over the built model when weights load."""
 
-    path: str  # local file, or "owner/repo/file.pt" on the Hugging Face Hub
+    # A local file, or a Hugging Face Hub file: "hf://owner/repo/file.pt" (or "owner/repo/file.pt"
+    # when no local folder "owner" exists; osum.resolve_checkpoint_file).
+    path: str
     format: Literal["wenet", "native"] = "wenet"  # wenet: OSUM's released names (model/wenet_keys.py)
 
 
@@ -235,11 +237,3 @@ def config_from_dict(data: Any, source: str = "<dict>") -> ModelConfig:
     except ValidationError as exc:
         raise ModelConfigError(f"{source}: " + "; ".join(validation_problems(exc))) from None
 
-
-
-# Names the trainer's glue expects (model_io): same functions.
-load_model_config = load_config
-
-
-def dump_model_config(cfg: ModelConfig) -> str:
-    return cfg.to_yaml()

@@ -84,14 +84,6 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return out.cpu()
 
 
-def broadcast_object(obj, ctx: DistContext, src: int = 0):
-    if not ctx.is_distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def wrap(
     model: nn.Module,
     ctx: DistContext,

@@ -379,17 +379,38 @@ def build_model(
     return model.to(device)
 
 
+HUB_PREFIX = "hf://"
+
+
 def resolve_checkpoint_file(path: str) -> Path:
-    """A local file, or "owner/repo/path/in/repo" downloaded from the Hugging Face Hub."""
+    """A local file, or a file in a Hugging Face Hub repository: `hf://owner/repo/path/in/repo`,
+    or `owner/repo/path/in/repo` when no local folder `owner` exists.
+
+    A relative path whose first folder exists here is a local path, so a mistyped local checkpoint
+    is a not-found error, not a hub download of something else.
+    """
+    if path.startswith(HUB_PREFIX):
+        return _hub_file(path[len(HUB_PREFIX):], path)
     local = Path(path)
     if local.is_file():
         return local
     parts = path.split("/")
-    if len(parts) >= 3 and not local.exists():
-        from huggingface_hub import hf_hub_download
+    hub_shaped = len(parts) >= 3 and not local.is_absolute()
+    if hub_shaped and not Path(parts[0]).exists():
+        return _hub_file(path, path)
+    why = f"read as a local path because the folder {parts[0]!r} exists here" if hub_shaped else "no such local file"
+    raise FileNotFoundError(
+        f"checkpoint not found: {path} ({why}; for a file on the Hugging Face Hub write {HUB_PREFIX}owner/repo/path/in/repo)"
+    )
 
-        return Path(hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:])))
-    raise FileNotFoundError(f"checkpoint not found: {path}")
+
+def _hub_file(spec: str, given: str) -> Path:
+    parts = [p for p in spec.split("/") if p]
+    if len(parts) < 3:
+        raise FileNotFoundError(f"checkpoint {given}: a hub file is owner/repo/path/in/repo")
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:])))
 
 
 def load_checkpoint(model: OSUMEChatModel, path: str | Path, fmt: str = "wenet") -> Any:
@@ -408,11 +429,13 @@ def load_checkpoint(model: OSUMEChatModel, path: str | Path, fmt: str = "wenet")
 
 
 def _unwrap(model: nn.Module) -> OSUMEChatModel:
-    while not isinstance(model, OSUMEChatModel) and hasattr(model, "module"):
-        model = model.module
-    if not isinstance(model, OSUMEChatModel):
-        raise TypeError(f"expected an OSUMEChatModel (or a wrapper of one), got {type(model).__name__}")
-    return model
+    """The OSUMEChatModel itself, under a DDP wrapper if there is one (distributed.unwrap)."""
+    from echat.model.distributed import unwrap
+
+    inner = unwrap(model)
+    if not isinstance(inner, OSUMEChatModel):
+        raise TypeError(f"expected an OSUMEChatModel (or a DDP wrapper of one), got {type(model).__name__}")
+    return inner
 
 
 def group_of(name: str) -> str:

@@ -252,3 +252,31 @@ def test_untied_lm_head_into_a_tied_model_is_an_error():
     sd["llama_model.lm_head.weight"] = sd["llama_model.lm_head.weight"] + 1.0
     with pytest.raises(ValueError, match="ties"):
         load_wenet_checkpoint(build_model(cfg, tokenizer=False), sd)
+
+
+def test_checkpoint_paths_go_to_the_hub_only_when_they_can_mean_it(tmp_path, monkeypatch):
+    """A mistyped local checkpoint (its first folder exists here) is a clear not-found error, never
+    a hub download; `hf://owner/repo/file` always means the hub; owner/repo/file does when no local
+    folder `owner` exists. No network: the download function is replaced."""
+    import huggingface_hub
+
+    from echat.model.osum import resolve_checkpoint_file
+
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, filename: downloads.append((repo_id, filename)) or str(tmp_path / "got.pt"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "stage1").mkdir(parents=True)
+    (tmp_path / "runs" / "stage1" / "model.pt").write_bytes(b"x")
+
+    assert resolve_checkpoint_file("runs/stage1/model.pt").resolve() == (tmp_path / "runs" / "stage1" / "model.pt").resolve()
+    with pytest.raises(FileNotFoundError, match=r"checkpoint not found: runs/stage1/modle\.pt \(read as a local path "
+                                                r"because the folder 'runs' exists here; .*hf://owner/repo"):
+        resolve_checkpoint_file("runs/stage1/modle.pt")
+    with pytest.raises(FileNotFoundError, match="no such local file"):
+        resolve_checkpoint_file(str(tmp_path / "elsewhere" / "x" / "model.pt"))
+    assert downloads == []
+
+    assert resolve_checkpoint_file("hf://runs/stage1/model.pt") == tmp_path / "got.pt"  # explicit: the hub
+    assert resolve_checkpoint_file("ASLP-lab/OSUM-EChat/language_think_final.pt") == tmp_path / "got.pt"
+    assert downloads == [("runs/stage1", "model.pt"), ("ASLP-lab/OSUM-EChat", "language_think_final.pt")]
