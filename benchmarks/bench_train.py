@@ -43,16 +43,20 @@ def demo_shards(folder: Path) -> Path:
 
 def loader_alone(cfg, workers: int, batches: int) -> dict:
     """Samples/s of the training data path with nothing consuming it."""
+    from echat.model.config import load_config
     from echat.model.data import build_dataloader
+    from echat.model.encoder import max_input_frames, whisper_config
     from echat.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.config)
+    encoder_config = whisper_config(load_config(cfg.model.config).encoder.architecture)
     loader = build_dataloader(
         cfg.data.train, tokenizer, tasks=cfg.data.tasks, num_workers=workers,
         max_frames_per_batch=cfg.data.max_frames_per_batch, shuffle_buffer=cfg.data.shuffle_buffer,
         seed=cfg.run.seed, think_text_ratio=cfg.data.think_text_ratio, epochs=None,
         max_tokens_per_batch=cfg.data.max_tokens_per_batch, sort_window=cfg.data.sort_window,
         min_label_score=cfg.data.min_label_score, chat_instruction_ratio=cfg.data.chat_instruction_ratio,
+        max_audio_frames=max_input_frames(encoder_config),  # as train.py gives it
     )
     it = iter(loader)
     started = time.perf_counter()

@@ -22,6 +22,8 @@ therefore (epoch, batches taken from each worker, which worker is next): resumin
 1-4 up to it (cheap: no audio decoding, no features) and yields the rest. The main process takes
 the workers' batches in a fixed round-robin order (skipping finished workers) rather than in the
 order they happen to arrive, which makes the sequence the same for any timing and across a resume.
+Ranks whose units hold unequal numbers of batches are not evened out: the trainer stops an epoch-
+bounded run (data.epochs) when the first rank runs out, so the other ranks' last batches go unused.
 """
 
 from __future__ import annotations

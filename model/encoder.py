@@ -38,6 +38,12 @@ def conv_output_lengths(lengths: torch.Tensor, convs: list[nn.Conv1d]) -> torch.
     return out.clamp(min=0)
 
 
+def max_input_frames(config: WhisperConfig) -> int:
+    """The most mel frames the encoder takes: conv2 (stride 2) gives one position per two frames
+    and the position table has `max_source_positions` rows (Whisper: 1500, so 3000 frames, 30 s)."""
+    return 2 * int(config.max_source_positions)
+
+
 def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """(B, max_len) bool, True at valid frames."""
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
@@ -92,9 +98,8 @@ class WhisperSpeechEncoder(WhisperEncoder):
 
     @property
     def max_input_frames(self) -> int:
-        """The longest input in mel frames: conv2 (stride 2) gives one position per two frames and
-        the position table has `max_source_positions` rows (Whisper: 3000 frames, 30 s)."""
-        return 2 * int(self.config.max_source_positions)
+        """The longest input in mel frames (Whisper: 3000, 30 s); see `max_input_frames`."""
+        return max_input_frames(self.config)
 
     def output_lengths(self, feature_lengths: torch.Tensor) -> torch.Tensor:
         return conv_output_lengths(feature_lengths, [self.conv1, self.conv2])
@@ -115,9 +120,14 @@ def load_encoder(name_or_path: str | Path, dtype: torch.dtype | None = None) -> 
 
     Reads a saved `WhisperSpeechEncoder`/`WhisperEncoder`, a `WhisperModel` or a
     `WhisperForConditionalGeneration` checkpoint (such as `openai/whisper-medium`); every encoder
-    weight must be present.
+    weight must be present. Another kind of checkpoint is a ValueError naming its model type.
     """
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
+
+    model_type = getattr(AutoConfig.from_pretrained(str(name_or_path)), "model_type", None)
+    if model_type != "whisper":
+        raise ValueError(f"{name_or_path}: a {model_type} checkpoint, not a Whisper one (the speech encoder needs Whisper weights)")
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # decoder weights are "unexpected" by design; we check below

@@ -219,16 +219,12 @@ def test_loaded_architecture_must_match_the_config(tmp_path):
         build_model(config_from_dict(data), load_weights=True, tokenizer=False)
     data = cfg.model_dump(mode="json")
     data["encoder"]["name_or_path"] = str(tmp_path / "qwen2")  # not a Whisper checkpoint
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match=r"qwen2: a qwen2 checkpoint, not a Whisper one"):
         build_model(config_from_dict(data), load_weights=True, tokenizer=False)
 
 
-def test_meta_build_of_full_config_is_fast_and_weightless():
-    import time
-
-    started = time.perf_counter()
+def test_meta_build_of_full_config_is_weightless():
     model = build_model("osum-echat", device="meta")
-    assert time.perf_counter() - started < 30
     assert all(p.device.type == "meta" for p in model.parameters())
     with pytest.raises(ValueError, match="meta"):
         build_model("osum-echat", device="meta", load_weights=True)

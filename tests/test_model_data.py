@@ -382,9 +382,23 @@ def test_weights_set_the_expected_samples_per_record(tokenizer, corpus):
     counts = Counter(s.task for e in range(400) for s in builder.build(record, epoch=e))
     assert counts["<TRANSCRIBE>"] == 800
     assert 60 <= counts["<EMOTION>"] <= 140
-    # the two copies of a sample differ only in their drawn instruction
-    twins = builder.build(record, epoch=0)[:2]
-    assert twins[0].task == twins[1].task == "<TRANSCRIBE>"
+    # the two copies of a sample differ only in their drawn instruction: same trained tokens, and
+    # the same prompt once the instruction is taken out; over a few epochs the instructions differ
+    instructions = prompts.load_instructions()["<TRANSCRIBE>"]
+    differing = 0
+    for epoch in range(5):
+        twins = [s for s in builder.build(record, epoch=epoch) if s.task == "<TRANSCRIBE>"]
+        assert len(twins) == 2
+        trained = [[label for label in twin.labels if label != IGNORE_INDEX] for twin in twins]
+        assert trained[0] == trained[1] and trained[0]
+        prompts_without = []
+        for twin in twins:
+            text = tokenizer.decode(twin.input_ids)
+            (used,) = [i for i in instructions if i in text]
+            prompts_without.append(text.replace(used, ""))
+        assert prompts_without[0] == prompts_without[1]
+        differing += twins[0].input_ids != twins[1].input_ids
+    assert differing > 0
 
 
 def test_out_of_range_speech_tokens_disable_speech_tasks(tokenizer, corpus):

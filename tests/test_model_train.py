@@ -346,11 +346,26 @@ def test_torchrun_fsdp_two_processes(demo_shards, tmp_path):
                       "--set", "optim.grad_accum=2", "--out", str(out)])
     assert "2 process(es) on cpu (fsdp)" in proc.stdout
     assert len(_losses(out)) == 6
-    # The checkpoint holds the gathered (unsharded) weights: it loads into one process.
-    model, _, _ = ckpt.load_for_inference(out, "cpu")
     import torch
 
+    from echat.model.osum import build_model
+    from echat.model.train import seed_everything
+
+    # The checkpoint holds the gathered (unsharded) trained weights: every parameter at its full
+    # shape, the sharded LLM layers changed by training from the run's initial weights (the same
+    # seed rebuilds those exactly), and it loads into one process.
+    def initial():
+        seed_everything(1234)  # run.seed of the tiny config
+        return build_model("tiny").state_dict()
+
+    start = initial()
+    assert all(torch.equal(v, initial()[k]) for k, v in start.items())  # the rebuild is deterministic
     saved = torch.load(ckpt.resolve_checkpoint(out) / "model.pt", weights_only=True)
+    assert set(saved) == set(start)
+    assert all(saved[k].shape == v.shape for k, v in start.items())
+    layers = [k for k in start if k.startswith("llm.model.layers.")]
+    assert layers and all(not torch.equal(saved[k], start[k]) for k in layers)
+    model, _, _ = ckpt.load_for_inference(out, "cpu")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
 
