@@ -68,3 +68,20 @@ def resolve_named_yaml(name_or_path: str, folder: Path, what: str) -> Path:
         available = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
         raise LookupError(f"unknown {what} {str(name_or_path)!r}; available: {available}")
     return candidate
+
+
+def validate_settings(model_cls, data: Any, overrides, *, what: str, where: str):
+    """`data` with the `--set` overrides applied, validated as `model_cls` (a pydantic model).
+
+    Raises ValueError naming every bad key, e.g. "invalid profile local.yaml:\n  unknown key 'x'".
+    """
+    from pydantic import ValidationError
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: a {what} is a YAML mapping")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"invalid {what} {where}:\n{describe_validation_error(exc)}") from None

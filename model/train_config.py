@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from echat.settings import apply_override, describe_validation_error, resolve_named_yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from echat.settings import resolve_named_yaml, validate_settings
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # `set_trainable` stage names of the recipe (DESIGN.md "The model package"); None trains everything.
 STAGES = ("understanding", "generation", "empathy")
@@ -240,17 +240,10 @@ def resolve(name_or_path: str) -> Path:
 
 def parse_config(data: Any, overrides: list[str] | tuple[str, ...] = (), where: str = "config") -> TrainConfig:
     """Validate a config mapping (after applying `--set` overrides); errors name every bad key."""
-    if not isinstance(data, dict):
-        raise TrainConfigError(f"{where}: a training config is a YAML mapping")
-    for assignment in overrides:
-        try:
-            apply_override(data, assignment)
-        except ValueError as exc:
-            raise TrainConfigError(str(exc)) from None
     try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        raise TrainConfigError(f"invalid training config {where}:\n{describe_validation_error(exc)}") from None
+        return validate_settings(TrainConfig, data, overrides, what="training config", where=where)
+    except ValueError as exc:
+        raise TrainConfigError(str(exc)) from None
 
 
 def load_train_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
-from echat.settings import apply_override, describe_validation_error, resolve_named_yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from echat.settings import resolve_named_yaml, validate_settings
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from . import backends
 
@@ -143,17 +143,10 @@ def resolve(name_or_path: str) -> Path:
 def load_profile(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Profile:
     path = resolve(name_or_path)
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise ProfileError(f"{path}: a profile is a YAML mapping")
-    for assignment in overrides:
-        try:
-            apply_override(data, assignment)
-        except ValueError as exc:
-            raise ProfileError(str(exc)) from None
     try:
-        profile = Profile.model_validate(data)
-    except ValidationError as exc:
-        raise ProfileError(f"invalid profile {path}:\n{describe_validation_error(exc)}") from None
+        profile = validate_settings(Profile, data, overrides, what="profile", where=str(path))
+    except ValueError as exc:
+        raise ProfileError(str(exc)) from None
     for stage, choice in profile.stage_choices():
         try:
             backends.check_params(stage, choice.backend, choice.params, where=stage)
