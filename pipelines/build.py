@@ -187,14 +187,16 @@ def source_reject_tallies(source_rejects: list[dict[str, Any]]) -> dict[str, dic
 
 def _dedupe(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The same source listed twice would write the same segments twice: keep the first."""
+    from echat.schemas.stage import Reject
+
     from .sources import STAGE
 
     seen, kept, rejects = set(), [], []
     for record in records:
         uri = record["source_uri"]
         if uri in seen:
-            rejects.append({"source_uri": uri, "stage": STAGE, "reason": "duplicate_source", "detail": "listed more than once; kept the first",
-                            "segment_start": None, "segment_end": None, "id": None})
+            duplicate = Reject(source_uri=uri, stage=STAGE, reason="duplicate_source", detail="listed more than once; kept the first")
+            rejects.append(duplicate.to_dict())
             continue
         seen.add(uri)
         kept.append(record)

@@ -35,19 +35,12 @@ def stage_specs(profile: Profile) -> list[StageSpec]:
     The filter runs before anything is spent on replies and speech, and runs whether or not
     the profile has a reply stage at all.
     """
-    specs = []
-    for stage, choice in profile.stage_choices():
-        if stage in Profile.SYNTH_ORDER and not any(s.stage == "filter" for s in specs):
-            specs.append(_filter_spec(profile))
-        specs.append(StageSpec(stage, choice.backend, _with_cache_dir(stage, choice, profile.cache_dir)))
-    if not any(s.stage == "filter" for s in specs):
-        specs.append(_filter_spec(profile))
-    specs.append(StageSpec("encode", None, {}, factory=EncodeRow))
-    return specs
-
-
-def _filter_spec(profile: Profile) -> StageSpec:
-    return StageSpec("filter", None, profile.filters.model_dump(), factory=QualityFilter)
+    chosen = [StageSpec(stage, choice.backend, _with_cache_dir(stage, choice, profile.cache_dir))
+              for stage, choice in profile.stage_choices()]
+    labelers = [s for s in chosen if s.stage not in Profile.SYNTH_ORDER]
+    synth = [s for s in chosen if s.stage in Profile.SYNTH_ORDER]
+    quality_filter = StageSpec("filter", None, profile.filters.model_dump(), factory=QualityFilter)
+    return [*labelers, quality_filter, *synth, StageSpec("encode", None, {}, factory=EncodeRow)]
 
 
 def _with_cache_dir(stage: str, choice, cache_dir: str) -> dict[str, Any]:

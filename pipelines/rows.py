@@ -12,6 +12,7 @@ from typing import Any
 
 from echat import __version__
 from echat.schemas import record as rec
+from echat.schemas import vocab
 from echat.schemas.stage import Reject, Stage
 
 
@@ -49,7 +50,7 @@ def record_task(row: dict[str, Any]) -> str:
     if row.get("reply_text"):
         thinks = bool(row.get("think_tags") or row.get("think_text"))
         speaks = bool(row.get("reply_audio") or row.get("reply_speech_tokens"))
-        return {(True, True): "<S2TCHAT> <TEXT2TOKEN> <THINK>", (True, False): "<S2TCHAT> <THINK>",
+        return {(True, True): vocab.DEFAULT_RECORD_TASK, (True, False): "<S2TCHAT> <THINK>",
                 (False, True): "<S2TCHAT> <TEXT2TOKEN>", (False, False): "<S2TCHAT>"}[(thinks, speaks)]
     return "<TRANSCRIBE>"
 

@@ -283,7 +283,7 @@ class TemplateReply(Stage):
         "style", "style_score", "style_model", "speaking_rate",
     )
     writes = (
-        "think_tags", "think_text", "reply_emotion", "reply_text", "llm_model", "prompt_version", "task",
+        "think_tags", "think_text", "reply_emotion", "reply_text", "llm_model", "prompt_version",
         "_reply_topic",
     )
 
@@ -398,6 +398,5 @@ class TemplateReply(Stage):
             "reply_text": self.compose(plan, cues, seed),
             "llm_model": MODEL_NAME,
             "prompt_version": self.templates.version,
-            "task": vocab.DEFAULT_RECORD_TASK,
             "_reply_topic": plan.topic,
         }
