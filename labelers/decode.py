@@ -29,10 +29,9 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
+from echat.schemas.audio import RESAMPLE_QUALITY, AudioError, load_audio, peak_dbfs
 from echat.schemas.record import SAMPLE_RATE
 from echat.schemas.stage import Reject, Stage
-
-from .audio import RESAMPLE_QUALITY, AudioError, load_audio, peak_dbfs
 
 AUDIO_BYTES_KEY = "_audio_bytes"
 

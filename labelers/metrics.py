@@ -31,9 +31,9 @@ from typing import Any, ClassVar
 import numpy as np
 from echat.schemas.record import FIELDS_BY_NAME, SAMPLE_RATE
 from echat.schemas.stage import Reject, Stage
+from echat.schemas.text import CJK_CHAR, count_cjk
 
 from .pitch import f0_of, warm_up
-from .text_match import CJK_CHAR, count_cjk
 
 FRAME = int(0.025 * SAMPLE_RATE)
 HOP = int(0.010 * SAMPLE_RATE)

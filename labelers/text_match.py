@@ -1,9 +1,10 @@
 """Finding keywords and phrases in transcripts, and telling Chinese text from other text.
 
 One place for what the emotion labeler (labelers/emotion.py), the acoustic metrics (speaking rate
-counts CJK characters) and the reply templates (synth/template_reply.py, synth/reasoning.py) each
-need, so that they agree on what a Chinese character is and on how a phrase is matched. The
-synth stages import from here; nothing in labelers/ imports synth/.
+counts CJK characters) and the reply templates (synth/template_reply.py) each need, so that they
+agree on how a phrase is matched. What a Chinese character is (`CJK_CHAR`, `has_cjk`,
+`count_cjk`) is defined in schemas/text.py, for the model's use too. The synth stages import from
+here; nothing in labelers/ imports synth/.
 
 Matching rules:
   - the text is lower-cased; a match's `start`/`end` index `text.lower()`;
@@ -22,21 +23,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
-# CJK Unified Ideographs, Extension A, and the Compatibility Ideographs (U+F900-FAFF: variants of
-# common characters that some input methods and OCR produce).
-CJK_CHAR = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+from echat.schemas.text import CJK_CHAR, count_cjk, has_cjk  # noqa: F401 - what a Chinese character is lives in schemas
+
 MASK_CHAR = "|"  # what a matched stretch is replaced with: not a word character, not CJK
 _INFLECTIONS = r"(?:s|es|ed|d|ing)?"
-
-
-def has_cjk(text: str | None) -> bool:
-    """True when `text` holds at least one Chinese character."""
-    return bool(CJK_CHAR.search(text or ""))
-
-
-def count_cjk(text: str | None) -> int:
-    """How many Chinese characters `text` holds."""
-    return len(CJK_CHAR.findall(text or ""))
 
 
 @dataclass(frozen=True)

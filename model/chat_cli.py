@@ -22,7 +22,7 @@ from echat.model.infer_cli import add_sampling_arguments
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint step folder, checkpoints folder or run folder")
-    parser.add_argument("audio", metavar="AUDIO", help="the user's spoken turn (any format soundfile reads)")
+    parser.add_argument("audio", metavar="AUDIO", help="the user's spoken turn (any format the corpus build reads: wav, flac, mp3, m4a, opus...)")
     parser.add_argument("--no-think", action="store_true", help="reply without the reasoning trace")
     parser.add_argument("--text-only", action="store_true", help="reply in text only (no speech tokens)")
     parser.add_argument("--history", metavar="FILE.json", help='earlier turns, [{"role": "user"|"assistant", "text": ...}] (a <HISTORY> turn; implies --no-think)')

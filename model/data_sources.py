@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from echat.model.features import FRAMES_PER_SECOND, MIN_SAMPLES, SAMPLE_RATE, AudioRef, audio_num_samples, num_frames
-from echat.schemas import vocab
+from echat.schemas import labels, vocab
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def _with_audio_length(row: dict[str, Any], max_frames: int | None = None) -> di
         return row
     try:
         n = audio_num_samples(ref)
-    except Exception as err:  # soundfile raises LibsndfileError / RuntimeError / OSError
+    except Exception as err:  # schemas.audio.AudioError (with its reason), or any other failure to read
         log.warning("record %s: cannot read its audio %s (%s); only its text tasks are used", row.get("id"), ref.describe(), err)
         return _set_aside(row, AUDIO_UNREADABLE)
     if n < MIN_SAMPLES:
@@ -225,27 +225,16 @@ def _raw_rows(unit: Unit) -> Iterator[dict[str, Any]]:
 _TRAILING_TAGS = re.compile(r"^(.*?)((?:\s*<[^<>]+>)*)\s*$", re.S)
 _TAG = re.compile(r"<([^<>]+)>")
 _ALIGNED_WORD = re.compile(r"<(\d+(?:\.\d+)?)>([^<>]+?)<(\d+(?:\.\d+)?)>")
-# OSUM's Chinese style names and age spellings, mapped onto our vocabularies.
-_STYLE_ZH = {
-    "新闻科普": "news/science", "恐怖故事": "horror story", "童话故事": "fairy tale", "客服": "customer service",
-    "诗歌散文": "poetry/prose", "有声书": "audiobook", "日常口语": "daily conversation", "其他": "other",
-}
-_AGE_ALIASES = {"youth": "adult", "middle_age": "adult", "middle": "adult"}
 _CHAT_TAGS = ("<S2TCHAT>", "<TEXT2TOKEN>", "<TEXT2TEXT>", "<HISTORY>")
 
 
 def _label_value(field: str, tag_text: str) -> str | None:
-    """`ADULT` -> `adult` when it belongs to the field's vocabulary, else None."""
-    raw = tag_text.strip()
-    if field == "style" and raw in _STYLE_ZH:
-        return _STYLE_ZH[raw]
-    value = raw.lower()
-    if field == "age":
-        value = _AGE_ALIASES.get(value, value)
-    if field == "events":
-        value = value.replace(" ", "_")
-    allowed = {"emotion": vocab.EMOTIONS, "gender": vocab.GENDERS, "age": vocab.AGES, "style": vocab.STYLES, "events": vocab.EVENTS}[field]
-    return value if value in allowed else None
+    """`ADULT` or `<ADULT>` -> `adult` through the one alias table (schemas/labels.py); None when
+    the value is outside the field's vocabulary (the label is then unknown, not an error)."""
+    try:
+        return labels.normalise(field, tag_text)
+    except labels.LabelError:
+        return None
 
 
 def parse_align_text(text: str) -> list[dict[str, Any]]:
@@ -270,13 +259,13 @@ def record_from_osum(obj: dict[str, Any], base_dir: str = ".") -> dict[str, Any]
     rec: dict[str, Any] = {
         "id": key,
         "source_dataset": extra.get("dataset"),
-        "language": lang if lang in vocab.LANGUAGES else None,
+        "language": _label_value("language", lang) if isinstance(lang, str) else None,
         "task": task,
     }
     for field in ("age", "gender", "emotion", "style"):
         tag = extra.get(field)
         if isinstance(tag, str) and tag.strip() and tag.strip() != vocab.UNKNOWN_PLACEHOLDER:
-            rec[field] = _label_value(field, tag.strip().strip("<>"))
+            rec[field] = _label_value(field, tag)
     tags = task.split()
     if any(t in tags for t in _CHAT_TAGS):
         rec["reply_text"] = txt.strip() or None
@@ -296,7 +285,7 @@ def record_from_osum(obj: dict[str, Any], base_dir: str = ".") -> dict[str, Any]
         if "<TRANSCRIBE>" in tags:
             rec["transcript"] = body.strip() or None
         if label_fields == ["events"]:
-            events = [v for v in (_label_value("events", f) for f in found) if v]
+            events = list(dict.fromkeys(v for v in (_label_value("events", f) for f in found) if v))
             rec["events"] = events or None
         elif len(found) == len(label_fields):
             for field, value in zip(label_fields, found):

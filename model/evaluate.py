@@ -26,7 +26,7 @@ Rows are grouped by task tag and scored by what the task outputs:
 
 Any task that training and inference take is scored: the tags of schemas/vocab.py and every
 `[<TRANSCRIBE>] <LABEL> [<LABEL> ...]` combination (`<TRANSCRIBE> <STYLE>`, `<AGE> <GENDER>`), by the
-same rule (prompts.is_known_task). Any other task is reported under `skipped` with the reason,
+same rule (schemas.tasks.is_known). Any other task is reported under `skipped` with the reason,
 never scored by guess. A reference label written as the unknown placeholder `<&&>` (or missing) is not scored, nor
 is a row whose `reference` is null (counted as `without_reference`).
 """
@@ -44,38 +44,26 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from echat.model import prompts
-from echat.schemas import vocab
+from echat.schemas import reasoning, tasks, vocab
+from echat.schemas.text import CJK_OR_WORD, has_cjk
 
 REQUIRED_KEYS = ("key", "task", "prediction", "reference")
 NONE_CLASS = "<none>"  # the predicted class of an answer that names no label of the vocabulary
 
-CAPTION = "<CAPTION>"
-TRANSCRIBE = prompts.TRANSCRIBE
-THINK = "<THINK>"
-# Single-label tags -> (record field name, vocabulary), from the tables training uses; <CAPTION>
-# (a set of events) is scored apart.
+EVENTS_FIELD = "events"  # the label field of <CAPTION>: a set of events, scored apart
+# Single-label tags -> (record field name, vocabulary), from the tables training uses.
 LABEL_VOCABS: dict[str, tuple[str, tuple[str, ...]]] = {
-    tag: (field, prompts.LABEL_VOCAB[field]) for tag, field in prompts.LABEL_TAGS.items() if tag != CAPTION
+    tag: (field, prompts.LABEL_VOCAB[field]) for tag, field in tasks.LABEL_TAGS.items() if field != EVENTS_FIELD
 }
-UNSCORED_TAGS = ("<S2TCHAT>", "<TEXT2TEXT>", "<TEXT2TOKEN>", "<HISTORY>")
 
-# Fields of the tag-form reasoning that carry a label (DESIGN.md: `Age: <adult>; ... Reply emotion:`).
-THINK_FIELDS: dict[str, tuple[str, ...]] = {
-    "age": vocab.AGES,
-    "gender": vocab.GENDERS,
-    "emotion": vocab.EMOTIONS,
-    "sound event": vocab.EVENTS,
-    "reply emotion": vocab.REPLY_EMOTIONS,
-}
+# Fields of the tag-form reasoning that carry a label, by their name in lower case ("sound event"),
+# with their vocabularies: schemas/reasoning.py TAG_FIELDS (DESIGN.md: `Age: <adult>; ... Reply emotion:`).
+THINK_FIELDS: dict[str, tuple[str, ...]] = {name.lower(): reasoning.FIELD_VOCABS[attr] for name, attr in reasoning.TAG_FIELDS}
+_THINK_FIELD_NAME = {attr: name.lower() for name, attr in reasoning.TAG_FIELDS}
 
 _TAG = re.compile(r"<([^<>]*)>")
 _TIMESTAMP = re.compile(r"<\s*\d+(?:\.\d+)?\s*>")
 _APOSTROPHES = "'\u2019\u02bc"  # ' ’ ʼ: inside words (it's, don't), dropped without a space
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-# A Chinese character, or a run of anything else that is not a space or a Chinese character.
-_ZH_TOKEN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\s\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
-_THINK_FIELD = re.compile(r"(?i)\b(" + "|".join(re.escape(k) for k in THINK_FIELDS) + r")\s*:\s*((?:\s*<[^<>]*>)+)")
-NO_EVENT = "none"  # `Sound event: <none>`: the labeler heard nothing (a label, not an unknown)
 
 
 class PredictionsError(ValueError):
@@ -124,7 +112,7 @@ def language_of(reference: str, language: str | None = None) -> str:
     """"zh" or "en": the row's own language when given, else by the script of the reference."""
     if language:
         return "zh" if language.lower().startswith("zh") else "en"
-    return "zh" if _CJK.search(reference) else "en"
+    return "zh" if has_cjk(reference) else "en"
 
 
 def remove_punctuation(text: str) -> str:
@@ -140,7 +128,7 @@ def normalize_transcript(text: str, language: str) -> list[str]:
     text = strip_tags(text).lower()
     text = remove_punctuation(text)
     if language == "zh":
-        return _ZH_TOKEN.findall(text)
+        return CJK_OR_WORD.findall(text)  # a Chinese character, or a run of other non-space text
     return text.split()
 
 
@@ -181,14 +169,12 @@ def event_set(text: str) -> set[str]:
 def think_fields(text: str) -> dict[str, str | None]:
     """Field -> label of the tag-form reasoning (`Emotion: <sad>`); None for `<&&>` or no label."""
     found: dict[str, str | None] = {}
-    for name, tags in _THINK_FIELD.findall(text or ""):
-        name = _canonical(name)
-        if name in found:
-            continue
-        values = tags_in(tags)
-        if name == "sound event":
+    for attr, labels in reasoning.tag_form_labels(text).items():
+        name = _THINK_FIELD_NAME[attr]
+        values = [_canonical(v) for v in labels]
+        if attr == EVENTS_FIELD:
             # Several events may be heard: the value is the set, written "cough+laugh"; "none" for <none>.
-            known = {_canonical(e): e for e in (*vocab.EVENTS, NO_EVENT)}
+            known = {_canonical(e): e for e in (*vocab.EVENTS, reasoning.NO_EVENT)}
             ok = values and all(v in known for v in values)
             found[name] = "+".join(sorted({known[v] for v in values})) if ok else None
         else:
@@ -316,10 +302,10 @@ def _split_task(task: Any) -> tuple[str | None, str | None]:
     if not isinstance(task, str):
         return None, f"task is not a tag string: {task!r}"
     try:
-        normalised = prompts.normalize_task(task)
+        normalised = tasks.normalize(task)
     except ValueError:
         return None, f"task is not a tag string: {task!r}"
-    if not prompts.is_known_task(normalised):
+    if not tasks.is_known(normalised):
         return None, (f"unknown task {task!r} (known: {', '.join(vocab.TASK_TAGS)}, or an optional <TRANSCRIBE> "
                       "followed by label tags)")
     return normalised, None
@@ -353,12 +339,13 @@ def _text(value: Any) -> str:
 
 
 def _evaluate_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    tags = task.split()
+    spec = tasks.task(task)
+    tags = list(spec.words)
     result: dict[str, Any] = {"rows": len(rows), "metrics": {}}
     metrics = result["metrics"]
     error_rates: dict[str, _ErrorRate] = {}
     labels = {tag: _Accuracy(LABEL_VOCABS[tag][1]) for tag in tags if tag in LABEL_VOCABS}
-    events = _EventSets() if CAPTION in tags else None
+    events = _EventSets() if EVENTS_FIELD in spec.labels else None
     think: dict[str, _Accuracy] = {}
     without_reference = 0
     for row in rows:
@@ -367,7 +354,7 @@ def _evaluate_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
             without_reference += 1
             continue
         prediction, reference = _text(row.get("prediction")), _text(row.get("reference"))
-        if TRANSCRIBE in tags:
+        if spec.transcribes:
             lang = language_of(reference, row.get("language"))
             error_rates.setdefault(lang, _ErrorRate(lang)).add(reference, prediction)
         if labels:
@@ -377,7 +364,7 @@ def _evaluate_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
                 scorer.add(ref_labels[tag], hyp_labels[tag])
         if events is not None:
             events.add(event_set(reference), event_set(prediction))
-        if THINK in tags:
+        if spec.reasons:
             ref_fields, hyp_fields = think_fields(reference), think_fields(prediction)
             for name, value in ref_fields.items():
                 think.setdefault(name, _Accuracy(THINK_FIELDS[name])).add(value, hyp_fields.get(name))

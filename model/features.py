@@ -9,12 +9,12 @@ frame), so one second of audio gives 100 frames.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from echat.schemas.audio import load_audio, probe_audio
 from echat.schemas.record import SAMPLE_RATE  # 16 kHz: the rate every shard stores audio at
 
 HOP_LENGTH = 160
@@ -44,48 +44,37 @@ class AudioRef:
         return self.path or f"<{len(self.data or b'')} bytes>"
 
 
-def _open(ref: AudioRef):
+def _source(ref: AudioRef) -> bytes | str:
     if ref.data is not None:
-        return io.BytesIO(ref.data)
+        return ref.data
     if ref.path is not None:
         return ref.path
     raise ValueError("audio reference has neither bytes nor a path")
 
 
 def audio_num_samples(ref: AudioRef) -> int:
-    """Samples at 16 kHz of the (span of the) audio, read from the header only."""
-    import soundfile as sf
+    """Samples at 16 kHz of the (span of the) audio, read from the header only.
 
-    info = sf.info(_open(ref))
-    total = info.frames
-    start = int(round((ref.start or 0.0) * info.samplerate))
-    stop = int(round(ref.end * info.samplerate)) if ref.end is not None else total
-    stop = min(stop, total)
+    Raises `schemas.audio.AudioError` (with its reason code) for audio that cannot be read.
+    """
+    info = probe_audio(_source(ref))
+    start = int(round((ref.start or 0.0) * info.sample_rate))
+    stop = int(round(ref.end * info.sample_rate)) if ref.end is not None else info.frames
+    stop = min(stop, info.frames)
     if stop <= start:
         return 0
-    return int(round((stop - start) * SAMPLE_RATE / info.samplerate))
+    return int(round((stop - start) * SAMPLE_RATE / info.sample_rate))
 
 
 def decode_audio(ref: AudioRef) -> np.ndarray:
-    """Mono float32 waveform at 16 kHz (channels averaged, other rates resampled with soxr)."""
-    import soundfile as sf
+    """Mono float32 waveform at 16 kHz (channels averaged, other rates resampled with soxr).
 
-    source = _open(ref)
-    if ref.start is not None or ref.end is not None:
-        rate = sf.info(source).samplerate
-        if isinstance(source, io.BytesIO):
-            source.seek(0)
-        start = int(round((ref.start or 0.0) * rate))
-        stop = int(round(ref.end * rate)) if ref.end is not None else None
-        wav, rate = sf.read(source, start=start, stop=stop, dtype="float32", always_2d=True)
-    else:
-        wav, rate = sf.read(source, dtype="float32", always_2d=True)
-    wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
-    if rate != SAMPLE_RATE:
-        import soxr
-
-        wav = soxr.resample(wav, rate, SAMPLE_RATE).astype(np.float32, copy=False)
-    return np.ascontiguousarray(wav, dtype=np.float32)
+    The build's decoder (`schemas.audio.load_audio`: libsndfile, then FFmpeg for m4a/AAC/WebM...),
+    so audio that builds also loads here. Raises `schemas.audio.AudioError` for audio that cannot
+    be decoded.
+    """
+    decoded = load_audio(_source(ref), target_sample_rate=SAMPLE_RATE, start=ref.start, end=ref.end)
+    return np.ascontiguousarray(decoded.waveform, dtype=np.float32)
 
 
 class LogMelExtractor:

@@ -28,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
+from echat.schemas import tasks as task_table
 from echat.schemas import vocab
 
 ALL = "all"
@@ -112,15 +113,10 @@ class RecordTasks:
     @staticmethod
     def input_of(record: dict[str, Any], task: str) -> tuple[Any, str | None]:
         """(the input for `task`, None) or (None, why the record cannot be run)."""
-        from echat.model.inference import takes_text
-
-        if task == "<TEXT2TOKEN>":
-            text = (record.get("reply_text") or "").strip()
-            return (text, None) if text else (None, "no reply_text to speak")
-        if task == "<TEXT2TEXT>":
-            text = (record.get("transcript") or "").strip()
-            return (text, None) if text else (None, "no transcript")
-        assert not takes_text(task)
+        spec = task_table.task(task)
+        if spec.user_text:  # a text-input task: the record field its user turn carries
+            text = (record.get(spec.user_text) or "").strip()
+            return (text, None) if text else (None, f"no {spec.user_text}")
         audio = record.get("_audio")
         if audio is None:
             # Set aside when read (unreadable, too short, longer than the encoder takes), or none at all.
@@ -141,7 +137,7 @@ class RecordTasks:
         if target and target[-1] == self._im_end:
             target = target[:-1]
         text = self.tokenizer.decode(target, skip_special_tokens=False) if target else ""
-        if task == "<TEXT2TOKEN>":
+        if task_table.task(task).output == task_table.SPEECH:
             text = None  # the target is speech alone
         return text, (list(sample.speech_tokens) or None)
 
@@ -227,7 +223,7 @@ def run_shards(predictor, tasks: list[str], args: argparse.Namespace, sink) -> d
                 continue
             preds = predictor.predict(
                 inputs, task, keys=keys, instruction=args.instruction,
-                history=histories if task == "<HISTORY>" else None, speech=args.speech or None,
+                history=histories if task_table.task(task).history else None, speech=args.speech or None,
                 batch_size=args.batch_size, max_text_tokens=args.max_text_tokens, max_speech_tokens=args.max_speech_tokens,
                 sampling=sampling_from(args), seed=args.seed,
             )
@@ -258,7 +254,7 @@ def run_inputs(predictor, tasks: list[str], args: argparse.Namespace, sink) -> d
         if not inputs:
             raise ValueError(f"task {task} needs {'--text TEXT' if takes_text(task) else 'audio files'} as input")
         preds = predictor.predict(
-            inputs, task, instruction=args.instruction, history=history if task == "<HISTORY>" else None,
+            inputs, task, instruction=args.instruction, history=history if task_table.task(task).history else None,
             speech=args.speech or None, batch_size=args.batch_size, max_text_tokens=args.max_text_tokens,
             max_speech_tokens=args.max_speech_tokens, sampling=sampling_from(args), seed=args.seed,
         )

@@ -19,7 +19,6 @@ Inputs: an audio file path, encoded audio bytes, a mono float waveform at 16 kHz
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -27,13 +26,9 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from echat.model import prompts
-from echat.schemas import vocab
+from echat.schemas import tasks
+from echat.schemas.reasoning import reply_emotion_of, split_think, wrap_think
 from echat.schemas.record import SAMPLE_RATE
-
-TEXT_INPUT_TASKS = ("<TEXT2TEXT>", "<TEXT2TOKEN>")
-SPEECH_TAG = "<TEXT2TOKEN>"
-THINK_TAG = "<THINK>"
-CHAT_TASK_THINK = "<S2TCHAT> <TEXT2TOKEN> <THINK>"
 
 AudioInput = Union[str, Path, bytes, np.ndarray, tuple]
 
@@ -76,57 +71,20 @@ class ChatResult:
     finished: bool = True  # the reply ended with <|im_end|> (and speech with its end marker)
 
 
-# ----------------------------------------------------------------------------- parsing outputs
-
-_REPLY_EMOTION = re.compile(r"(?i)reply\s+emotion\s*:\s*<\s*([A-Za-z_]+)\s*>")
-
-
-def split_think(text: str) -> tuple[str | None, str]:
-    """(reasoning without its markers, or None; the reply after it) of a model's text output.
-
-    A reasoning that was opened and never closed is all reasoning (the reply is then empty).
-    """
-    start = text.find(prompts.THINK_START)
-    if start < 0:
-        return None, text.strip()
-    body_start = start + len(prompts.THINK_START)
-    end = text.find(prompts.THINK_END, body_start)
-    if end < 0:
-        return text[body_start:].strip(), ""
-    return text[body_start:end].strip(), text[end + len(prompts.THINK_END):].strip()
-
-
-def reply_emotion_of(think: str | None) -> str | None:
-    """The reply emotion a tag-form reasoning names (`Reply emotion: <WORRIED>`), if it is one of ours."""
-    if not think:
-        return None
-    match = _REPLY_EMOTION.search(think)
-    if not match:
-        return None
-    value = match.group(1).upper()
-    return value if value in vocab.REPLY_EMOTIONS else None
-
-
 # ----------------------------------------------------------------------------- tasks
 
 
 def check_task(task: str) -> str:
     """The task in its normal spelling; InferenceError when it is not a task the model knows."""
     try:
-        normal = prompts.normalize_task(task)
-    except ValueError as err:
+        return tasks.task(task).tag
+    except ValueError as err:  # not tags at all, or tags the table does not know (UnknownTaskError)
         raise InferenceError(str(err)) from None
-    if not prompts.is_known_task(normal):
-        raise InferenceError(
-            f"unknown task {task!r}: use one of {', '.join(vocab.TASK_TAGS)} "
-            "or an optional <TRANSCRIBE> followed by label tags (<EMOTION> <GENDER> <AGE> <STYLE> <CAPTION>)"
-        )
-    return normal
 
 
 def takes_text(task: str) -> bool:
     """<TEXT2TEXT> (the user's words) and <TEXT2TOKEN> (the text to speak) take text, not audio."""
-    return prompts.normalize_task(task) in TEXT_INPUT_TASKS
+    return tasks.task(task).input == tasks.TEXT_INPUT
 
 
 def generation_mode(task: str, speech: bool | None = None) -> str:
@@ -135,10 +93,10 @@ def generation_mode(task: str, speech: bool | None = None) -> str:
     `<HISTORY>` replies in text unless `speech=True` (it was trained with speech when the record
     had reply tokens); `speech=False` turns a speech task into its text part.
     """
-    task = prompts.normalize_task(task)
-    if task == SPEECH_TAG:
+    spec = tasks.task(task)
+    if spec.output == tasks.SPEECH:
         return "speech"
-    speaks = SPEECH_TAG in task.split() or (task == "<HISTORY>" and bool(speech))
+    speaks = spec.speaks or (spec.speaks_optionally and bool(speech))
     if speech is False:
         speaks = False
     return "text+speech" if speaks else "text"
@@ -150,12 +108,12 @@ def generation_mode(task: str, speech: bool | None = None) -> str:
 def default_instruction(instructions: dict[str, tuple[str, ...]], task: str) -> str | None:
     """The instruction a task's user turn carries: none for the dialogue tasks (as trained), the
     first paraphrase for the understanding tasks."""
-    task = prompts.normalize_task(task)
-    if task in prompts.CHAT_TASKS:
+    spec = tasks.task(task)
+    if not spec.instruction:
         return None
-    choices = instructions.get(task)
+    choices = instructions.get(spec.tag)
     if not choices:
-        raise InferenceError(f"no instructions for task {task!r}: add a list for it to an instructions YAML")
+        raise InferenceError(f"no instructions for task {spec.tag!r}: add a list for it to an instructions YAML")
     return choices[0]
 
 
@@ -186,7 +144,7 @@ def build_prompt_ids(
         instruction=instruction if instruction is not None else default_instruction(instructions, task),
         user_text=text.strip() if text_input else None,
         with_audio=not text_input,
-        history=history if task == "<HISTORY>" else None,
+        history=history if tasks.task(task).history else None,
     )
 
 
@@ -194,13 +152,19 @@ def build_prompt_ids(
 
 
 def load_waveform(item: AudioInput) -> np.ndarray:
-    """Mono float32 at 16 kHz from a path, encoded bytes, a 16 kHz array, (array, rate) or an AudioRef."""
+    """Mono float32 at 16 kHz from a path, encoded bytes, a 16 kHz array, (array, rate) or an AudioRef.
+
+    Files and bytes go through the build's decoder (`schemas.audio`, via `features.decode_audio`),
+    so whatever format the corpus builder reads (m4a, opus, mp3...) loads here too; arrays are
+    resampled with the same resampler. Raises InferenceError saying what could not be read and why.
+    """
     from echat.model.features import AudioRef, decode_audio
+    from echat.schemas.audio import AudioError, resample
 
     if isinstance(item, AudioRef):  # a record's audio (bytes or a file, maybe a span of it)
         try:
             return decode_audio(item)
-        except Exception as err:  # soundfile raises several types for unreadable audio
+        except (AudioError, ValueError) as err:
             raise InferenceError(f"cannot read audio {item.describe()}: {err}") from None
     if isinstance(item, (str, Path)):
         path = Path(item)
@@ -208,12 +172,12 @@ def load_waveform(item: AudioInput) -> np.ndarray:
             raise InferenceError(f"audio file not found: {item}")
         try:
             return decode_audio(AudioRef(path=str(path)))
-        except Exception as err:  # soundfile raises several types for unreadable audio
+        except (AudioError, ValueError) as err:
             raise InferenceError(f"cannot read audio {item}: {err}") from None
     if isinstance(item, (bytes, bytearray)):
         try:
             return decode_audio(AudioRef(data=bytes(item)))
-        except Exception as err:
+        except (AudioError, ValueError) as err:
             raise InferenceError(f"cannot decode audio bytes ({len(item)} bytes): {err}") from None
     if isinstance(item, tuple) and len(item) == 2:
         wav, rate = np.asarray(item[0], dtype=np.float32), int(item[1])
@@ -225,11 +189,7 @@ def load_waveform(item: AudioInput) -> np.ndarray:
         wav = wav.mean(axis=1) if wav.shape[1] <= 8 else wav.mean(axis=0)  # (samples, channels) or (channels, samples)
     if wav.ndim != 1:
         raise InferenceError(f"expected a mono waveform, got shape {wav.shape}")
-    if rate != SAMPLE_RATE:
-        import soxr
-
-        wav = soxr.resample(wav, rate, SAMPLE_RATE).astype(np.float32, copy=False)
-    return np.ascontiguousarray(wav, dtype=np.float32)
+    return np.ascontiguousarray(resample(wav, rate, SAMPLE_RATE), dtype=np.float32)
 
 
 def _describe(item: Any, index: int) -> str:
@@ -442,12 +402,9 @@ class Predictor:
 
         if speech and not self.has_speech_output:
             raise InferenceError("this model's config has no speech output; chat with speech=False")
-        if history:
-            if think:
-                raise InferenceError("a <HISTORY> turn has no reasoning; chat with think=False")
-            task = "<HISTORY>"
-        else:
-            task = "<S2TCHAT>" + (f" {SPEECH_TAG}" if speech else "") + (f" {THINK_TAG}" if think else "")
+        if history and think:
+            raise InferenceError("a <HISTORY> turn has no reasoning; chat with think=False")
+        task = tasks.chat_task(reasons=think, speaks=speech, history=bool(history)).tag
         prompt = self.prompt_ids(task, history=history, speech=speech)
         wav = self._waveform(audio, _describe(audio, 0))
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
@@ -482,7 +439,7 @@ class Predictor:
         codes = list(result.speech.codes[0]) if result.speech is not None else []
         finished = result.text.finished[0] and (result.speech is None or result.speech.finished[0])
         think_text = self.tokenizer.decode(think_tokens, skip_special_tokens=False).strip() if think else ""
-        full = f"{prompts.THINK_START}{think_text}{prompts.THINK_END}{reply}" if think else reply
+        full = wrap_think(think_text) + reply if think else reply
         waveform = sample_rate = None
         if token2wav is not None and codes:
             waveform, sample_rate = token2wav.synthesize(codes)

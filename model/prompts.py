@@ -30,28 +30,22 @@ from typing import Any, Iterable
 
 import yaml
 
-from echat.schemas import vocab
+from echat.schemas import tasks, vocab
+from echat.schemas.reasoning import UNKNOWN
+# The prompt kinds and label tags of the task table (schemas/tasks.py), by the names this module offers.
+from echat.schemas.tasks import LABEL_TAGS, S2S, S2S_THINK, S2T_CHAT, S2T_THINK, T2T, TTS, UNDERSTAND  # noqa: F401
+from echat.schemas.tasks import normalize as normalize_task
 
 # Special tokens, by string: the tokenizer maps each to one id (model/tokenizer.py builds them).
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 PAD = "<|endoftext|>"
 AUDIO = "<|audio|>"  # the one placeholder the model replaces with the speech embeddings
-THINK_START = "<think>"
-THINK_END = "<think end>"
-UNKNOWN = vocab.UNKNOWN_PLACEHOLDER  # "<&&>"
 INSTRUCTION_SEPARATOR = "\n"  # between an instruction and the user's text in one user turn
 
-# Output types: each has its own system prompt. The wording follows the roles of OSUM-EChat's
-# system prompts (understanding, speech-to-text chat, thinking, speech-to-speech, TTS, text chat).
-UNDERSTAND = "understand"
-S2T_CHAT = "s2t_chat"
-S2T_THINK = "s2t_think"
-S2S = "s2s"
-S2S_THINK = "s2s_think"
-TTS = "tts"
-T2T = "t2t"
-
+# Output types: each has its own system prompt, keyed by the prompt kinds of the task table
+# (schemas/tasks.py). The wording follows the roles of OSUM-EChat's system prompts
+# (understanding, speech-to-text chat, thinking, speech-to-speech, TTS, text chat).
 SYSTEM_PROMPTS: dict[str, str] = {
     UNDERSTAND: (
         "You are an audio understanding assistant. You transcribe speech accurately and analyse its "
@@ -82,70 +76,20 @@ SYSTEM_PROMPTS: dict[str, str] = {
     T2T: "You are a text dialogue assistant. You understand the user's text and reply with appropriate text only.",
 }
 
-# Single tags that name a paralinguistic label, and the record field each reads.
-LABEL_TAGS: dict[str, str] = {
-    "<EMOTION>": "emotion",
-    "<GENDER>": "gender",
-    "<AGE>": "age",
-    "<STYLE>": "style",
-    "<CAPTION>": "events",
-}
 # The vocabulary of each label field: what a training target may name and what evaluation scores.
 LABEL_VOCAB: dict[str, tuple[str, ...]] = {
     "emotion": vocab.EMOTIONS, "gender": vocab.GENDERS, "age": vocab.AGES, "style": vocab.STYLES, "events": vocab.EVENTS,
 }
-TRANSCRIBE, ALIGN = "<TRANSCRIBE>", "<ALIGN>"
 # Tasks whose user turn carries no instruction by default (see the module docstring).
-CHAT_TASKS = (
-    "<S2TCHAT>",
-    "<S2TCHAT> <THINK>",
-    "<S2TCHAT> <TEXT2TOKEN>",
-    "<S2TCHAT> <TEXT2TOKEN> <THINK>",
-    "<TEXT2TOKEN>",
-    "<TEXT2TEXT>",
-    "<HISTORY>",
-)
-
-
-def normalize_task(task: str) -> str:
-    """`"<TRANSCRIBE><AGE>  <GENDER>"` -> `"<TRANSCRIBE> <AGE> <GENDER>"` (one space between tags)."""
-    tags = task.replace(">", "> ").split()
-    if not tags or not all(t.startswith("<") and t.endswith(">") and len(t) > 2 for t in tags):
-        raise ValueError(f"not a task tag string: {task!r} (expected tags such as '<TRANSCRIBE> <AGE>')")
-    return " ".join(tags)
-
-
-def is_label_task(task: str) -> bool:
-    """Understanding tasks: optional <TRANSCRIBE>, then one or more distinct label tags."""
-    tags = normalize_task(task).split()
-    if tags[0] == TRANSCRIBE:
-        tags = tags[1:]
-    return bool(tags) and all(t in LABEL_TAGS for t in tags) and len(set(tags)) == len(tags)
-
-
-def is_known_task(task: str) -> bool:
-    task = normalize_task(task)
-    return task in (TRANSCRIBE, f"{TRANSCRIBE} {ALIGN}") or task in CHAT_TASKS or is_label_task(task)
+CHAT_TASKS = tasks.UNINSTRUCTED_TAGS
 
 
 def output_type(task: str, *, speech_target: bool = False) -> str:
-    """The output type (system prompt) of a task; `<HISTORY>` speaks when it has a speech target."""
-    task = normalize_task(task)
-    fixed = {
-        "<S2TCHAT>": S2T_CHAT,
-        "<S2TCHAT> <THINK>": S2T_THINK,
-        "<S2TCHAT> <TEXT2TOKEN>": S2S,
-        "<S2TCHAT> <TEXT2TOKEN> <THINK>": S2S_THINK,
-        "<TEXT2TOKEN>": TTS,
-        "<TEXT2TEXT>": T2T,
-    }
-    if task in fixed:
-        return fixed[task]
-    if task == "<HISTORY>":
-        return S2S if speech_target else S2T_CHAT
-    if is_known_task(task):
-        return UNDERSTAND
-    raise ValueError(f"unknown task {task!r}")
+    """The output type (system prompt) of a task; `<HISTORY>` speaks when it has a speech target.
+
+    ValueError (schemas.tasks.UnknownTaskError) for a task the table does not know.
+    """
+    return tasks.task(task).prompt_kind(speech_target=speech_target)
 
 
 # ----------------------------------------------------------------------------- instructions

@@ -3,7 +3,8 @@
 A record is a dict with the fields of schemas/record.py. The reader adds two working keys:
 `_audio` (an `AudioRef` to the user's speech, undecoded) and `_num_samples` (its length at 16 kHz).
 
-Tasks and what a record needs for each (a record emits only the tasks it supports):
+Tasks and what a record needs for each (a record emits only the tasks it supports; the needs are
+data in the task table, schemas/tasks.py, checked here as training needs them):
 
     <TRANSCRIBE>                      speech, transcript              -> transcript
     <TRANSCRIBE> <ALIGN>              speech, transcript, words       -> `<0.0>so<0.3> <0.3>tired<0.8>`
@@ -42,7 +43,9 @@ from typing import Any
 from echat.model import prompts
 from echat.model.features import AudioRef, num_frames
 from echat.model.prompts import LABEL_VOCAB, Segment
+from echat.schemas import tasks as task_table
 from echat.schemas import vocab
+from echat.schemas.reasoning import THINK_START, wrap_think
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +117,10 @@ class SampleBuilder:
         table = instructions if isinstance(instructions, dict) else prompts.load_instructions(instructions)
         self.tasks: dict[str, float] = {}
         for raw, weight in tasks.items():
-            task = prompts.normalize_task(raw)
-            if not prompts.is_known_task(task):
-                raise ValueError(
-                    f"unknown task {raw!r}: use one of {', '.join(vocab.TASK_TAGS)} "
-                    "or an optional <TRANSCRIBE> followed by label tags (<EMOTION> <GENDER> <AGE> <STYLE> <CAPTION>)"
-                )
+            task = task_table.task(raw).tag  # ValueError (UnknownTaskError) naming an unknown task
             if not (isinstance(weight, (int, float)) and weight > 0 and math.isfinite(weight)):
                 raise ValueError(f"the weight of {raw!r} must be a positive number, not {weight!r}")
-            needs_instruction = task not in prompts.CHAT_TASKS or chat_instruction_ratio > 0
+            needs_instruction = task_table.task(task).instruction or chat_instruction_ratio > 0
             if needs_instruction and task not in table:
                 raise ValueError(f"no instructions for task {task!r}: add a list for it to an instructions YAML")
             if task in self.tasks:
@@ -141,35 +139,26 @@ class SampleBuilder:
         return [task for task in self.tasks if self.supports(record, task)]
 
     def supports(self, record: dict[str, Any], task: str) -> bool:
-        has_audio = record.get("_audio") is not None and record.get("_num_samples", 0) > 0
-        transcript = _clean(record.get("transcript"))
-        reply = _clean(record.get("reply_text"))
-        if task == prompts.TRANSCRIBE:
-            return has_audio and transcript is not None
-        if task == f"{prompts.TRANSCRIBE} {prompts.ALIGN}":
-            return has_audio and transcript is not None and self._words(record) is not None
-        if prompts.is_label_task(task):
-            tags = task.split()
-            if tags[0] == prompts.TRANSCRIBE and transcript is None:
-                return False
-            return has_audio and all(self._label(record, prompts.LABEL_TAGS[t]) is not None for t in tags if t != prompts.TRANSCRIBE)
-        if task == "<TEXT2TOKEN>":
-            return reply is not None and self._speech_tokens(record) is not None
-        if task == "<TEXT2TEXT>":
-            return transcript is not None and reply is not None
-        if not (has_audio and reply is not None):
-            return False
-        if task == "<S2TCHAT>":
-            return True
-        if task == "<S2TCHAT> <THINK>":
-            return self._has_think(record)
-        if task == "<S2TCHAT> <TEXT2TOKEN>":
-            return self._speech_tokens(record) is not None
-        if task == "<S2TCHAT> <TEXT2TOKEN> <THINK>":
-            return self._speech_tokens(record) is not None and self._has_think(record)
-        if task == "<HISTORY>":
+        """Whether `record` meets every need the task table names for `task`, each checked as
+        training needs it (see `_has`)."""
+        spec = task_table.task(task)
+        return all(any(self._has(record, name) for name in alternatives) for alternatives in spec.needs)
+
+    def _has(self, record: dict[str, Any], name: str) -> bool:
+        """Whether `record` holds field `name` in a form a training sample can use."""
+        if name == "audio":  # the reader's undecoded reference to the user's speech
+            return record.get("_audio") is not None and record.get("_num_samples", 0) > 0
+        if name == "words":
+            return self._words(record) is not None
+        if name == "history":
             return bool(self._history(record))
-        raise ValueError(f"unknown task {task!r}")
+        if name == "reply_speech_tokens":
+            return self._speech_tokens(record) is not None
+        if name == "reply_audio":
+            return False  # the speech target is the reply's tokens; reply audio must be tokenized first
+        if name in LABEL_VOCAB:
+            return self._label(record, name) is not None
+        return _clean(record.get(name)) is not None
 
     def _label(self, record: dict[str, Any], name: str) -> str | None:
         """The OSUM target of a label (`<SAD>`, `<LAUGH><COUGH>`), or None if unknown or unsure."""
@@ -193,10 +182,6 @@ class SampleBuilder:
             if not _clean(w.get("word")) or w.get("start") is None or w.get("end") is None:
                 return None
         return list(words)
-
-    @staticmethod
-    def _has_think(record: dict[str, Any]) -> bool:
-        return _clean(record.get("think_tags")) is not None or _clean(record.get("think_text")) is not None
 
     @staticmethod
     def _speech_tokens(record: dict[str, Any]) -> list[int] | None:
@@ -235,40 +220,32 @@ class SampleBuilder:
 
     def build_task(self, record: dict[str, Any], task: str, rng: random.Random) -> Sample:
         """One sample of `task` (which the record must support)."""
-        task = prompts.normalize_task(task)
+        spec = task_table.task(task)
+        task = spec.tag
         transcript = _clean(record.get("transcript"))
         reply = _clean(record.get("reply_text"))
-        speech: list[int] = []
-        history: list[dict[str, str]] | None = None
-        user_text: str | None = None
-        with_audio = True
-        if task == prompts.TRANSCRIBE:
-            target = transcript
-        elif task == f"{prompts.TRANSCRIBE} {prompts.ALIGN}":
+        with_audio = spec.input == task_table.SPEECH_INPUT
+        user_text = _clean(record.get(spec.user_text)) if spec.user_text else None
+        history = self._history(record) if spec.history else None
+        speech = (self._speech_tokens(record) or []) if spec.speaks or spec.speaks_optionally else []
+        target: str | None
+        if spec.aligns:
             target = align_text(self._words(record) or [], record.get("language"))
-        elif prompts.is_label_task(task):
-            tags = task.split()
-            labels = "".join(self._label(record, prompts.LABEL_TAGS[t]) or "" for t in tags if t != prompts.TRANSCRIBE)
-            target = f"{transcript}{labels}" if tags[0] == prompts.TRANSCRIBE else labels
-        elif task == "<TEXT2TOKEN>":
-            target, user_text, with_audio = None, reply, False
-            speech = self._speech_tokens(record) or []
-        elif task == "<TEXT2TEXT>":
-            target, user_text, with_audio = reply, transcript, False
-        elif task == "<HISTORY>":
-            target, history = reply, self._history(record)
-            speech = self._speech_tokens(record) or []
-        else:  # the <S2TCHAT> family
-            target = reply
-            if "<THINK>" in task.split():
-                target = self._think(record, rng) + (reply or "")
-            if "<TEXT2TOKEN>" in task.split():
-                speech = self._speech_tokens(record) or []
+        elif spec.transcribes or spec.labels:
+            labels = "".join(self._label(record, name) or "" for name in spec.labels)
+            if not spec.transcribes:
+                target = labels
+            else:
+                target = f"{transcript}{labels}" if transcript is not None else None
+        elif spec.output == task_table.SPEECH:
+            target = None  # speech alone (the text to speak is in the user turn)
+        else:  # a reply: (reasoning, then) the reply text
+            target = self._think(record, rng) + (reply or "") if spec.reasons else reply
         if with_audio and target is None:
             raise ValueError(f"record {record.get('id')!r} does not support task {task!r}")
 
         instruction = None
-        if task not in prompts.CHAT_TASKS or rng.random() < self.chat_instruction_ratio:
+        if spec.instruction or rng.random() < self.chat_instruction_ratio:
             instruction = rng.choice(self.instructions[task])
         out_type = prompts.output_type(task, speech_target=bool(speech))
         segments = prompts.prompt_segments(out_type, instruction=instruction, user_text=user_text, with_audio=with_audio, history=history)
@@ -293,6 +270,6 @@ class SampleBuilder:
         chosen = (text if draw < self.think_text_ratio else tags) if tags and text else (tags or text)
         if chosen is None:
             raise ValueError(f"record {record.get('id')!r} has no reasoning trace")
-        if not chosen.startswith(prompts.THINK_START):
-            chosen = f"{prompts.THINK_START}{chosen}{prompts.THINK_END}"
+        if not chosen.startswith(THINK_START):
+            chosen = wrap_think(chosen)
         return chosen

@@ -25,27 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from echat.schemas import vocab
+from echat.schemas.reasoning import THINK_END, THINK_START, UNKNOWN
+from echat.schemas.tasks import TAG_WORDS
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"  # the pad token
 AUDIO = "<|audio|>"
-THINK_START = "<think>"
-THINK_END = "<think end>"
-UNKNOWN = vocab.UNKNOWN_PLACEHOLDER  # "<&&>"
 
-
-def _task_tag_tokens() -> tuple[str, ...]:
-    """Each tag word of schemas.vocab.TASK_TAGS once, in first-seen order ("<S2TCHAT> <THINK>" -> 2)."""
-    seen: dict[str, None] = {}
-    for tag in vocab.TASK_TAGS:
-        for word in tag.split():
-            seen.setdefault(word, None)
-    return tuple(seen)
-
-
-TASK_TAG_TOKENS: tuple[str, ...] = _task_tag_tokens()
+# Each tag word of schemas.vocab.TASK_TAGS once, in first-seen order ("<S2TCHAT> <THINK>" -> 2).
+TASK_TAG_TOKENS: tuple[str, ...] = TAG_WORDS
 
 # Order matters only for the tiny tokenizer, whose special tokens take ids 0.. in this order.
 SPECIAL_TOKENS: tuple[str, ...] = (

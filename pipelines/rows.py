@@ -12,17 +12,19 @@ from typing import Any
 
 from echat import __version__
 from echat.schemas import record as rec
-from echat.schemas import vocab
 from echat.schemas.stage import Reject, Stage
+from echat.schemas.tasks import record_task  # the task tag a row serves, from what it holds
 
 
 class EncodeRow(Stage):
     name = "encode"
     reads = ("_waveform", "_reply_waveform")
-    writes = ("audio", "sampling_rate", "duration", "reply_audio", "reply_duration", "task", "schema_version", "pipeline_version")
+    # A row holds the schema's columns only: every working key (`_*`) is dropped here.
+    writes = ("audio", "sampling_rate", "duration", "reply_audio", "reply_duration", "task", "schema_version",
+              "pipeline_version", "_*")
 
     def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
-        from echat.labelers.audio import encode_flac
+        from echat.schemas.audio import encode_flac
 
         row = dict(record)
         waveform = row.get("_waveform")
@@ -43,16 +45,6 @@ class EncodeRow(Stage):
             yield rec.to_row(row)
         except ValueError as exc:
             yield self.reject(record, "schema_error", str(exc))
-
-
-def record_task(row: dict[str, Any]) -> str:
-    """The OSUM task tag a row can train, from what it actually holds."""
-    if row.get("reply_text"):
-        thinks = bool(row.get("think_tags") or row.get("think_text"))
-        speaks = bool(row.get("reply_audio") or row.get("reply_speech_tokens"))
-        return {(True, True): vocab.DEFAULT_RECORD_TASK, (True, False): "<S2TCHAT> <THINK>",
-                (False, True): "<S2TCHAT> <TEXT2TOKEN>", (False, False): "<S2TCHAT>"}[(thinks, speaks)]
-    return "<TRANSCRIBE>"
 
 
 def row_bytes(row: dict[str, Any]) -> int:

@@ -19,7 +19,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from echat.schemas import vocab
+from echat.schemas import labels
 from echat.schemas.stage import Reject
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma", ".webm")
@@ -27,22 +27,8 @@ MANIFEST_EXTENSIONS = (".jsonl", ".csv")
 PATH_KEYS = ("path", "audio", "wav")
 STAGE = "source"
 
-# Manifest label columns: name -> closed vocabulary. Common spellings are normalised first.
-LABEL_VOCABULARIES = {
-    "gender": vocab.GENDERS,
-    "age": vocab.AGES,
-    "emotion": vocab.EMOTIONS,
-    "style": vocab.STYLES,
-    "language": vocab.LANGUAGES,
-}
-_ALIASES = {
-    "gender": {"m": "male", "man": "male", "f": "female", "woman": "female"},
-    "emotion": {"angry": "anger", "sadness": "sad", "happiness": "happy", "fearful": "fear",
-                "surprised": "surprise", "disgusted": "disgust", "worried": "fear"},
-    "language": {"english": "en", "en-us": "en", "en-gb": "en", "eng": "en", "chinese": "zh",
-                 "mandarin": "zh", "zh-cn": "zh", "cmn": "zh"},
-    "age": {"elderly": "old", "senior": "old", "kid": "child"},
-}
+# Manifest label columns; each is normalised through schemas/labels.py (aliases, case, OSUM forms).
+LABEL_COLUMNS = ("gender", "age", "emotion", "style", "language")
 
 
 @dataclass
@@ -157,30 +143,25 @@ def _apply_manifest_fields(record: dict[str, Any], row: dict[str, Any]) -> str |
         record.update(transcript=str(text).strip(), transcript_origin="manifest", transcript_confidence=1.0)
     if row.get("speaker"):
         record["speaker"] = str(row["speaker"])
-    for name, allowed in LABEL_VOCABULARIES.items():
-        value = row.get(name)
-        if value in (None, ""):
-            continue
-        normalised = _ALIASES.get(name, {}).get(str(value).strip().lower(), str(value).strip().lower())
-        if name == "style":
-            normalised = str(value).strip()
-        if normalised not in allowed:
-            return f"{name} {value!r} is not one of {', '.join(allowed)}"
-        if name == "language":
-            record.update(language=normalised, language_origin="manifest")
-        else:
-            record.update({name: normalised, f"{name}_score": 1.0, f"{name}_model": "manifest"})
-    events = row.get("events")
-    if isinstance(events, str):  # CSV: "cough;laugh"; an empty cell says nothing
-        events = [e.strip() for e in events.replace(";", ",").split(",") if e.strip()] or None
-    if events is not None:  # an explicit empty list is ground truth too: nothing was heard
-        if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
-            return f"events must be a list of names, got {events!r}"
-        events = list(dict.fromkeys(e.strip().lower() for e in events))  # each event once
-        bad = [e for e in events if e not in vocab.EVENTS]
-        if bad:
-            return f"events {bad} not in {', '.join(vocab.EVENTS)}"
-        record.update(events=list(events), events_score=1.0, events_model="manifest")
+    try:
+        for name in LABEL_COLUMNS:
+            value = row.get(name)
+            if value in (None, ""):
+                continue
+            normalised = labels.normalise(name, str(value))
+            if name == "language":
+                record.update(language=normalised, language_origin="manifest")
+            else:
+                record.update({name: normalised, f"{name}_score": 1.0, f"{name}_model": "manifest"})
+        events = row.get("events")
+        if isinstance(events, str):  # CSV: "cough;laugh"; an empty cell says nothing
+            events = [e.strip() for e in events.replace(";", ",").split(",") if e.strip()] or None
+        if events is not None:  # an explicit empty list is ground truth too: nothing was heard
+            if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
+                return f"events must be a list of names, got {events!r}"
+            record.update(events=labels.normalise_events(events), events_score=1.0, events_model="manifest")
+    except labels.LabelError as err:
+        return str(err)
     return None
 
 

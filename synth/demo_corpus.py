@@ -30,7 +30,7 @@ import yaml
 
 from echat.schemas import vocab
 
-from echat.labelers.audio import resample
+from echat.schemas.audio import resample
 
 from .espeak_tts import Prosody, speakable_text, synthesize
 

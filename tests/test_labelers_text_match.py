@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from echat.labelers.metrics import speaking_rate
-from echat.labelers.text_match import PhraseMatch, count_cjk, count_phrases, find_phrases, has_cjk, mask
+from echat.labelers.text_match import PhraseMatch, count_phrases, find_phrases, mask
+from echat.model.evaluate import language_of, normalize_transcript
+from echat.schemas.text import count_cjk, has_cjk
 from echat.synth.reasoning import guess_language
 
 COMPATIBILITY_IDEOGRAPHS = "\uf900\uf901"  # U+F900-FAFF: variants some input methods and OCR produce
@@ -14,6 +16,8 @@ def test_compatibility_ideographs_are_chinese_everywhere():
     assert has_cjk(COMPATIBILITY_IDEOGRAPHS) and count_cjk(COMPATIBILITY_IDEOGRAPHS) == 2
     assert guess_language(COMPATIBILITY_IDEOGRAPHS) == "zh"
     assert speaking_rate(COMPATIBILITY_IDEOGRAPHS, 1.0) == 2.0
+    assert language_of(COMPATIBILITY_IDEOGRAPHS) == "zh"
+    assert normalize_transcript("\uf900\uf901 ok", "zh") == ["\uf900", "\uf901", "ok"]
     assert not has_cjk("hello, world") and not has_cjk(None) and count_cjk("abc") == 0
 
 

@@ -6,10 +6,11 @@ import re
 
 import pytest
 
-from echat.labelers.text_match import has_cjk
+from echat.schemas.text import has_cjk
+from echat.schemas import reasoning as trace_format
 from echat.schemas import vocab
-from echat.synth import reasoning
-from echat.synth.reasoning import Cues, EventsLabel, Label, ThinkParseError, natural_form, parse_tag_form, tag_form
+from echat.schemas.reasoning import ThinkParseError, parse_tag_form
+from echat.synth.reasoning import Cues, EventsLabel, Label, natural_form, tag_form
 
 FULL = Cues(
     transcript="I failed my exam again and I feel like giving up.",
@@ -34,7 +35,7 @@ def test_tag_form_writes_the_placeholder_for_every_unknown_label():
     text = tag_form(Cues(transcript="hello there"), None)
     # age, gender, emotion, sound event and the reply emotion are all unknown
     assert text.count(vocab.UNKNOWN_PLACEHOLDER) == 5
-    for name, _ in reasoning.TAG_FIELDS:
+    for name, _ in trace_format.TAG_FIELDS:
         assert f"{name}: {vocab.UNKNOWN_PLACEHOLDER}" in text
 
 
@@ -67,7 +68,7 @@ def test_cues_from_record_treats_an_unvouched_empty_event_list_as_unknown():
 )
 def test_parse_tag_form_round_trips(cues, reply_emotion):
     parsed = parse_tag_form(tag_form(cues, reply_emotion))
-    assert parsed.words == reasoning.clean_words(cues.transcript)
+    assert parsed.words == trace_format.clean_words(cues.transcript)
     assert parsed.age == cues.age.value
     assert parsed.gender == cues.gender.value
     assert parsed.emotion == cues.emotion.value

@@ -1,12 +1,19 @@
-"""Audio in and out: decode any file or byte string to 16 kHz mono float32, encode FLAC.
+"""Audio in and out, for every folder: decode any file or byte string to mono float32 at 16 kHz,
+probe a file's length from its header, encode FLAC.
+
+One decoder for the build (labelers/decode.py), the reply TTS (synth/) and the model's loaders
+(model/features.py, model/inference.py), so a file that builds also loads for training and
+inference. Torch-free at import: torchcodec is imported only when the FFmpeg fallback is needed.
 
 Decoding goes through libsndfile (soundfile) first: WAV, FLAC, OGG/Vorbis/Opus, MP3, AIFF and
 friends. What libsndfile cannot read (m4a/AAC, WebM, ...) falls back to torchcodec's AudioDecoder,
 which uses the system FFmpeg libraries. Files are probed before they are read, so a file that is too
-long or has too many channels is refused without reading its samples.
+long or has too many channels is refused without reading its samples. A span of a file (`start`,
+`end` in seconds) is cut at the file's own rate, then resampled.
 
-Every refusal raises `AudioError` with a short reason code (see `decode.py` for the list) so that a
-caller can turn it into a reject without parsing messages.
+Every refusal raises `AudioError` with a short reason code (missing_file, empty_file, decode_error,
+truncated, too_long, too_many_channels; labelers/decode.py documents them) so that a caller can turn
+it into a reject without parsing messages.
 """
 
 from __future__ import annotations
@@ -50,6 +57,20 @@ class DecodedAudio:
     decoder: str  # "soundfile" or "torchcodec"
 
 
+@dataclass(frozen=True)
+class AudioInfo:
+    """What a file's header says, without decoding its samples."""
+
+    sample_rate: int
+    frames: int  # at `sample_rate`
+    channels: int
+    decoder: str  # "soundfile" or "torchcodec"
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.sample_rate
+
+
 def load_audio(
     source: Source,
     *,
@@ -57,28 +78,17 @@ def load_audio(
     max_seconds: float | None = None,
     max_channels: int | None = None,
     quality: str = RESAMPLE_QUALITY,
+    start: float | None = None,
+    end: float | None = None,
 ) -> DecodedAudio:
     """Decode a path, a URI (through fsspec) or the bytes of an audio file to mono float32 at
-    `target_sample_rate`.
+    `target_sample_rate`; with `start`/`end` (seconds), only that span of the file.
 
     Raises AudioError with reason missing_file, empty_file, decode_error, truncated, too_long or
-    too_many_channels.
+    too_many_channels (`max_seconds` bounds what is decoded: the file, or the span).
     """
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        if not data:
-            raise AudioError("empty_file", "0 bytes")
-        opener, label = (lambda: io.BytesIO(data)), "<bytes>"
-    elif "://" in os.fspath(source):
-        opener, label = _uri_opener(os.fspath(source)), os.fspath(source)
-    else:
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            what = "not a regular file" if os.path.exists(path) else "no such file"
-            raise AudioError("missing_file", f"{what}: {path}")
-        if os.path.getsize(path) == 0:
-            raise AudioError("empty_file", f"0 bytes: {path}")
-        opener, label = (lambda: path), path
+    opener, label = _opener(source)
+    span = _Span(start, end)
 
     import soundfile as sf
 
@@ -86,15 +96,76 @@ def load_audio(
         info = sf.info(opener())
     except sf.LibsndfileError as sf_error:
         # Not a format libsndfile knows (or not audio at all): let FFmpeg try before giving up.
-        mono, sr, channels = _decode_with_torchcodec(opener(), label, max_seconds, max_channels, sf_error)
+        mono, sr, channels = _decode_with_torchcodec(opener(), label, max_seconds, max_channels, sf_error, span)
         decoder = "torchcodec"
     else:
-        mono, sr, channels = _decode_with_soundfile(opener(), label, info, max_seconds, max_channels)
+        mono, sr, channels = _decode_with_soundfile(opener(), label, info, max_seconds, max_channels, span)
         decoder = "soundfile"
 
     duration = len(mono) / sr
     waveform = resample(mono, sr, target_sample_rate, quality=quality)
     return DecodedAudio(waveform, target_sample_rate, sr, channels, duration, decoder)
+
+
+def probe_audio(source: Source) -> AudioInfo:
+    """Sample rate, length and channels of an audio file from its header (libsndfile, else FFmpeg).
+
+    A container whose header gives no duration is decoded to count its frames. Raises AudioError
+    like `load_audio`.
+    """
+    opener, label = _opener(source)
+    import soundfile as sf
+
+    try:
+        info = sf.info(opener())
+    except sf.LibsndfileError as sf_error:
+        decoder = _torchcodec_decoder(opener(), label, sf_error)
+        meta = decoder.metadata
+        rate = int(meta.sample_rate or 0)
+        duration = meta.duration_seconds_from_header
+        if duration is None or rate <= 0:
+            mono, rate, channels = _decode_with_torchcodec(opener(), label, None, None, sf_error, _Span(None, None))
+            return AudioInfo(rate, len(mono), channels, "torchcodec")
+        return AudioInfo(rate, int(round(duration * rate)), int(meta.num_channels or 0), "torchcodec")
+    if info.frames <= 0 or info.samplerate <= 0:
+        raise AudioError("empty_file", f"0 frames ({info.format}): {label}")
+    return AudioInfo(int(info.samplerate), int(info.frames), int(info.channels), "soundfile")
+
+
+@dataclass(frozen=True)
+class _Span:
+    start: float | None  # seconds
+    end: float | None
+
+    def frames(self, rate: int, total: int, label: str) -> tuple[int, int]:
+        """[first, stop) frame indices of the span in a file of `total` frames at `rate`."""
+        first = int(round((self.start or 0.0) * rate))
+        stop = min(int(round(self.end * rate)), total) if self.end is not None else total
+        if first < 0 or stop <= first:
+            raise AudioError("empty_file", f"span {self.start}-{self.end} s holds no frames of the {total / rate:.2f} s file: {label}")
+        return first, stop
+
+    @property
+    def whole(self) -> bool:
+        return self.start is None and self.end is None
+
+
+def _opener(source: Source):
+    """(a function opening `source` afresh, a label naming it); refuses a missing or empty one."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise AudioError("empty_file", "0 bytes")
+        return (lambda: io.BytesIO(data)), "<bytes>"
+    if "://" in os.fspath(source):
+        return _uri_opener(os.fspath(source)), os.fspath(source)
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        what = "not a regular file" if os.path.exists(path) else "no such file"
+        raise AudioError("missing_file", f"{what}: {path}")
+    if os.path.getsize(path) == 0:
+        raise AudioError("empty_file", f"0 bytes: {path}")
+    return (lambda: path), path
 
 
 def _uri_opener(uri: str):
@@ -127,28 +198,31 @@ def _check_limits(label: str, duration: float | None, channels: int, max_seconds
         raise AudioError("too_long", f"{duration:.1f} s (limit {max_seconds:.1f} s): {label}")
 
 
-def _decode_with_soundfile(file: str | BinaryIO, label: str, info, max_seconds, max_channels):
+def _decode_with_soundfile(file: str | BinaryIO, label: str, info, max_seconds, max_channels, span: _Span):
     import soundfile as sf
 
     if info.frames <= 0 or info.samplerate <= 0:
         raise AudioError("empty_file", f"0 frames ({info.format}): {label}")
-    _check_limits(label, info.frames / info.samplerate, info.channels, max_seconds, max_channels)
+    first, stop = span.frames(info.samplerate, info.frames, label)
+    _check_limits(label, (stop - first) / info.samplerate, info.channels, max_seconds, max_channels)
     tolerance = int(TRUNCATION_TOLERANCE_S * info.samplerate)
     _check_wav_data_chunk(info, label, tolerance)
 
-    blocks, frames_read = [], 0
+    blocks, frames_read, wanted = [], 0, stop - first
     block_frames = int(READ_BLOCK_SECONDS * info.samplerate)
     try:
         with sf.SoundFile(file) as f:
-            for block in f.blocks(blocksize=block_frames, dtype="float32", always_2d=True):
+            if first:
+                f.seek(first)
+            for block in f.blocks(blocksize=block_frames, frames=wanted, dtype="float32", always_2d=True):
                 blocks.append(to_mono(block))
                 frames_read += len(block)
     except (sf.LibsndfileError, RuntimeError) as exc:
-        if 0 < frames_read < info.frames:
-            raise AudioError("truncated", f"decoded {frames_read} of {info.frames} frames, then: {exc}: {label}")
+        if 0 < frames_read < wanted:
+            raise AudioError("truncated", f"decoded {frames_read} of {wanted} frames, then: {exc}: {label}")
         raise AudioError("decode_error", f"{type(exc).__name__}: {exc}: {label}") from exc
-    if frames_read < info.frames - tolerance:
-        raise AudioError("truncated", f"decoded {frames_read} of {info.frames} frames the header claims: {label}")
+    if frames_read < wanted - tolerance:
+        raise AudioError("truncated", f"decoded {frames_read} of {wanted} frames the header claims: {label}")
     if frames_read == 0:
         raise AudioError("empty_file", f"0 frames decoded: {label}")
     return np.concatenate(blocks), info.samplerate, info.channels
@@ -184,21 +258,27 @@ def _bytes_per_frame(info) -> int:
     return max(1, bits.get(info.subtype, 16) // 8 * info.channels)
 
 
-def _decode_with_torchcodec(file, label: str, max_seconds, max_channels, sf_error: Exception):
+def _torchcodec_decoder(file, label: str, sf_error: Exception):
     try:
         from torchcodec.decoders import AudioDecoder
     except Exception as exc:  # noqa: BLE001 - torchcodec missing or its FFmpeg libraries absent
         raise AudioError("decode_error", f"libsndfile: {sf_error}; FFmpeg fallback unavailable ({exc}): {label}")
 
-    source = file if isinstance(file, str) else file.getvalue()
+    source = file if isinstance(file, str) else file.read()  # a fresh BytesIO or fsspec file
     try:
         decoder = AudioDecoder(source)
-        meta = decoder.metadata
+        decoder.metadata  # noqa: B018 - a file FFmpeg cannot parse fails here
     except Exception as exc:
         raise AudioError("decode_error", f"libsndfile: {sf_error}; FFmpeg: {_first_line(exc)}: {label}") from exc
+    return decoder
+
+
+def _decode_with_torchcodec(file, label: str, max_seconds, max_channels, sf_error: Exception, span: _Span):
+    decoder = _torchcodec_decoder(file, label, sf_error)
+    meta = decoder.metadata
     channels = int(meta.num_channels or 0)
     header_duration = meta.duration_seconds_from_header
-    _check_limits(label, header_duration, channels, max_seconds, max_channels)
+    _check_limits(label, header_duration if span.whole else None, channels, max_seconds, max_channels)
     try:
         samples = decoder.get_all_samples()
     except Exception as exc:
@@ -208,9 +288,14 @@ def _decode_with_torchcodec(file, label: str, max_seconds, max_channels, sf_erro
     if data.size == 0:
         raise AudioError("empty_file", f"0 frames decoded ({meta.codec}): {label}")
     duration = data.shape[1] / sr
-    _check_limits(label, duration, data.shape[0], max_seconds, max_channels)  # headers may omit them
+    if span.whole:
+        _check_limits(label, duration, data.shape[0], max_seconds, max_channels)  # headers may omit them
     if header_duration and duration < header_duration * (1 - FALLBACK_TRUNCATION_TOLERANCE) - TRUNCATION_TOLERANCE_S:
         raise AudioError("truncated", f"decoded {duration:.2f} s of the {header_duration:.2f} s in the header: {label}")
+    if not span.whole:
+        first, stop = span.frames(sr, data.shape[1], label)
+        data = data[:, first:stop]
+        _check_limits(label, data.shape[1] / sr, data.shape[0], max_seconds, max_channels)
     return to_mono(data.T), sr, data.shape[0]
 
 
