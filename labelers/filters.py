@@ -15,6 +15,7 @@ from echat.schemas.stage import Reject, Stage
 
 class QualityFilter(Stage):
     name = "filter"
+    origin = "heuristic"
     reads = ("duration", "snr_db", "speech_ratio", "clipping_ratio", "transcript", "quality_flags")
     writes = ()
 
@@ -27,6 +28,13 @@ class QualityFilter(Stage):
         max_clipping_ratio: float | None = 0.05,
         require_transcript: bool = True,
     ) -> None:
+        for name, value in (("min_duration_s", min_duration_s), ("max_duration_s", max_duration_s),
+                            ("min_speech_ratio", min_speech_ratio), ("max_clipping_ratio", max_clipping_ratio)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must not be negative, got {value}")
+        if min_duration_s is not None and max_duration_s is not None and min_duration_s > max_duration_s:
+            raise ValueError(f"min_duration_s ({min_duration_s}) exceeds max_duration_s ({max_duration_s}): "
+                             "every segment would be rejected")
         self.min_duration_s = min_duration_s
         self.max_duration_s = max_duration_s
         self.min_snr_db = min_snr_db

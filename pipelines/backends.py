@@ -1,8 +1,9 @@
-"""Which class implements each backend of each stage.
+"""Which class implements each backend of each kind of stage.
 
-Choosing a backend is one profile line (`vad: {backend: silero}`); adding one is one class and
-one line here. Classes are named as "module:Class" strings so that choosing the offline defaults
-never imports funasr, pyannote or transformers.
+Choosing a backend is one profile line (`- {slot: vad, backend: silero}`); adding one is one class
+and one line here. A profile may also name any class directly as "package.module:Class" (a stage of
+your own). Classes are named as "module:Class" strings so that choosing the offline defaults never
+imports funasr, pyannote or transformers: stage modules import those inside `setup()`.
 """
 
 from __future__ import annotations
@@ -25,55 +26,65 @@ BACKENDS: dict[str, dict[str, str]] = {
     "gender": {
         "pitch": "echat.labelers.gender:PitchGender",
     },
-    "age": {},
     "emotion": {
         "heuristic": "echat.labelers.emotion:HeuristicEmotion",
     },
-    "events": {},
-    "style": {},
     "metrics": {
         "acoustic": "echat.labelers.metrics:AcousticMetrics",
     },
+    "filter": {
+        "quality": "echat.labelers.filters:QualityFilter",
+    },
     "reply": {
         "template": "echat.synth.template_reply:TemplateReply",
+        "openai": "echat.synth.llm_reply:OpenAIReply",
     },
     "tts": {
         "espeak": "echat.synth.espeak_tts:EspeakTTS",
     },
-    "speech_tokens": {},
 }
 
-NONE = "none"  # a stage whose backend is "none" is left out of the build
+NONE = "none"  # a slot whose backend is "none" is left out of the build
 
 
 class BackendError(ValueError):
     pass
 
 
-def backend_path(stage: str, backend: str) -> str:
-    try:
-        choices = BACKENDS[stage]
-    except KeyError:
-        raise BackendError(f"unknown stage {stage!r}; known: {', '.join(BACKENDS)}") from None
+def backend_path(kind: str, backend: str) -> str:
+    """The "module:Class" of a backend: a name from the table for `kind`, or a class path."""
+    if ":" in backend:
+        return backend
+    choices = BACKENDS.get(kind)
+    if choices is None:
+        raise BackendError(
+            f"no backend table for stage kind {kind!r} (known kinds: {', '.join(BACKENDS)}); "
+            "set `kind:` on the entry, or name a class as backend: package.module:Class")
     try:
         return choices[backend]
     except KeyError:
-        known = ", ".join([*choices, NONE]) if stage not in ("decode",) else ", ".join(choices)
-        raise BackendError(f"unknown backend {backend!r} for stage {stage!r}; known: {known}") from None
+        raise BackendError(f"unknown backend {backend!r} for {kind!r}; known: {', '.join([*choices, NONE])}") from None
 
 
 def load_class(path: str) -> type:
     module_name, _, class_name = path.partition(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise BackendError(f"cannot load backend class {path!r}: {exc}") from None
+    from echat.schemas.stage import Stage
+
+    if not (isinstance(cls, type) and issubclass(cls, Stage)):
+        raise BackendError(f"backend class {path!r} is not an echat.schemas.stage.Stage")
+    return cls
 
 
-def check_params(stage: str, backend: str, params: dict[str, Any], *, where: str) -> None:
-    """Fail with a message naming the key when `params` do not fit the backend's constructor.
+def stage_class(kind: str, backend: str) -> type:
+    return load_class(backend_path(kind, backend))
 
-    Checks the signature without importing the backend's heavy dependencies: stage modules
-    import those inside `setup()`.
-    """
-    cls = load_class(backend_path(stage, backend))
+
+def check_params(cls: type, params: dict[str, Any], *, where: str) -> None:
+    """Fail with a message naming the key when `params` do not fit the backend's constructor."""
     signature = inspect.signature(cls)
     accepted = {
         name
@@ -83,11 +94,21 @@ def check_params(stage: str, backend: str, params: dict[str, Any], *, where: str
     for key in params:
         if key not in accepted:
             raise BackendError(
-                f"unknown key {where}.params.{key!r} for backend {backend!r}; "
+                f"unknown key '{where}.params.{key}' for backend {cls.__name__}; "
                 f"accepted: {', '.join(sorted(accepted)) or '(none)'}"
             )
 
 
-def build_stage(stage: str, backend: str, params: dict[str, Any]):
+def check_resource_hints(hints: dict[str, Any], *, where: str) -> None:
+    """Beam's own parser of resource hints, so an unknown hint or a bad value is named at load."""
+    import apache_beam as beam
+
+    try:
+        beam.Map(lambda x: x).with_resource_hints(**hints)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BackendError(f"{where}.resources: {exc}") from None
+
+
+def build_stage(kind: str, backend: str, params: dict[str, Any]):
     """A configured, not yet set-up, instance of the backend class."""
-    return load_class(backend_path(stage, backend))(**params)
+    return stage_class(kind, backend)(**params)

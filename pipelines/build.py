@@ -5,7 +5,8 @@ Output layout under OUT:
   rejects/rejects-SSSSS-of-NNNNN.jsonl every dropped input or segment: source, stage, reason, detail
   summary.json                         counts per stage, audio hours, speed, reconciliation
   reconciliation.jsonl                 the per-source table behind the reconciliation
-  _work/                               the run's tallies and shard list, read back for the summary
+  _work/                               the run's tallies and shard list, read back for the summary,
+                                       and beam.log: Beam's own log lines (on the console with --verbose)
 Unrecognised flags are passed to Beam as pipeline options (e.g. --direct_num_workers 2
 --direct_running_mode multi_processing, or Dataflow's --project/--region/--temp_location).
 """
@@ -13,9 +14,12 @@ Unrecognised flags are passed to Beam as pipeline options (e.g. --direct_num_wor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,21 +35,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a profile value, e.g. --set vad.params.threshold=0.4 (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards and rejects already in OUTPUT")
-    parser.add_argument("--quiet", action="store_true", help="log warnings only")
+    parser.add_argument("--quiet", action="store_true", help="no progress line; warnings only")
+    parser.add_argument("--verbose", action="store_true", help="Beam's own log lines on the console instead of OUT/_work/beam.log")
     parser.epilog = "Other --flags are passed to Beam as pipeline options."
 
 
 def run(args: argparse.Namespace) -> int:
     from .profile import ProfileError, load_profile
 
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         profile = load_profile(args.profile, args.overrides)
     except ProfileError as exc:
         print(f"echat build: {exc}", file=sys.stderr)
         return 2
     try:
-        summary = build(profile, args.input, args.output, beam_args=getattr(args, "extra_args", []), overwrite=args.overwrite)
+        summary = build(profile, args.input, args.output, beam_args=getattr(args, "extra_args", []), overwrite=args.overwrite,
+                        verbose=args.verbose, show_progress=not args.quiet)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"echat build: {exc}", file=sys.stderr)
         return 2
@@ -53,8 +58,11 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary["reconciliation"]["ok"] else 1
 
 
-def pipeline_options(profile, beam_args: list[str]):
+def pipeline_options(profile, beam_args: list[str], *, verbose: bool = True):
     """Beam options from the profile's `beam:` section, then the command line's extra flags.
+
+    Unless `verbose`, worker processes log warnings only (their INFO lines would reach the console,
+    which they share, not our log file).
 
     Raises ValueError naming any flag that is neither ours nor a Beam pipeline option, so a
     mistyped `--overwite` stops the build instead of being dropped with a log line.
@@ -64,6 +72,8 @@ def pipeline_options(profile, beam_args: list[str]):
     b = profile.beam
     flags = [f"--runner={b.runner}", f"--direct_num_workers={b.direct_num_workers}", f"--direct_running_mode={b.direct_running_mode}"]
     flags += [f"--{k}={v}" for k, v in b.extra.items()]
+    if not verbose:
+        flags.append("--default_sdk_harness_log_level=WARNING")
     options = PipelineOptions(flags + list(beam_args))  # later flags win: the command line overrides the profile
     every = options.get_all_options(retain_unknown_options=True, display_warnings=False)
     known = options.get_all_options(display_warnings=False)
@@ -112,12 +122,18 @@ def _runner(options):
     return name
 
 
-def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), overwrite: bool = False) -> dict[str, Any]:
-    """Run the build and write OUT/summary.json; returns the summary."""
+def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), overwrite: bool = False,
+          verbose: bool = False, show_progress: bool = False) -> dict[str, Any]:
+    """Run the build and write OUT/summary.json; returns the summary.
+
+    Beam's log lines go to OUT/_work/beam.log (a local temp file for a remote OUT) unless
+    `verbose`; with `show_progress` a live line on stderr tells files, segments, audio and speed.
+    """
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
 
     from .graph import build_graph, stage_specs, write_list
+    from .progress import ProgressLine
     from .sources import list_sources
     from .summary import make_summary, read_counters
 
@@ -125,31 +141,40 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     out = output.rstrip("/")
     data_dir, rejects_dir, work_dir = (FileSystems.join(out, d) for d in ("data", "rejects", "_work"))
     # The input is checked before the output is touched, so a mistyped input leaves nothing behind.
-    options = pipeline_options(profile, beam_args)
+    options = pipeline_options(profile, beam_args, verbose=verbose)
     listing = list_sources(input_path, dataset_name=profile.dataset_name, license=profile.license, trust_manifest=profile.trust_manifest)
     _prepare_output(out, [data_dir, rejects_dir, work_dir], overwrite)
     records, source_rejects = _dedupe(listing.records)
     source_rejects += [r.to_dict() for r in listing.rejects]
-    logging.getLogger("echat.build").info(
-        "%d audio sources, %d source rejects, %d non-audio files skipped", len(records), len(source_rejects), listing.skipped_files
-    )
 
     tallies_path = FileSystems.join(work_dir, "tallies.json")
     shards_path = FileSystems.join(work_dir, "shards.json")
-    pipeline = beam.Pipeline(runner=_runner(options), options=options)
-    shards = build_graph(
-        pipeline, records, source_rejects, profile,
-        data_dir=data_dir, rejects_prefix=FileSystems.join(rejects_dir, "rejects"), tallies_path=tallies_path,
-    )
-    write_list(shards, shards_path, "Shards")
-    result = pipeline.run()
-    result.wait_until_finish()
+    specs = stage_specs(profile)
+    local_workers = _runs_here(options)
+    log_path = _log_path(out, work_dir)
+    with tempfile.TemporaryDirectory(prefix="echat-progress-") as progress_dir, \
+            console_logging(log_path, verbose=verbose) as console:
+        logging.getLogger("echat.build").info(
+            "%d audio sources, %d source rejects, %d non-audio files skipped", len(records), len(source_rejects), listing.skipped_files)
+        pipeline = beam.Pipeline(runner=_runner(options), options=options)
+        shards = build_graph(
+            pipeline, records, source_rejects, profile,
+            data_dir=data_dir, rejects_prefix=FileSystems.join(rejects_dir, "rejects"), tallies_path=tallies_path,
+            progress_dir=progress_dir if local_workers else None,
+        )
+        write_list(shards, shards_path, "Shards")
+        split = next((s.slot for s in specs if s.splits), None)
+        line = ProgressLine(progress_dir, total_files=len(records), first_slot=specs[0].slot, split_slot=split,
+                            last_slot=specs[-1].slot, stream=console) if show_progress and local_workers else contextlib.nullcontext()
+        with line:
+            result = pipeline.run()
+            result.wait_until_finish()
     wall = time.time() - started
 
     tallies = _read_json(tallies_path)
     tallies.update(source_reject_tallies(source_rejects))
     shard_list = _read_json(shards_path)
-    stage_order = [s.stage for s in stage_specs(profile)]
+    stage_order = [s.slot for s in specs]
     context = {
         "profile": profile.name,
         "input": input_path,
@@ -158,7 +183,7 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
         "beam_args": redact_flags(beam_args),
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "non_audio_files_skipped": listing.skipped_files,
-        "paths": {"data": data_dir, "rejects": rejects_dir, "summary": FileSystems.join(out, "summary.json")},
+        "paths": {"data": data_dir, "rejects": rejects_dir, "summary": FileSystems.join(out, "summary.json"), "log": log_path},
     }
     summary, per_source = make_summary(
         tallies=tallies, shards=shard_list, counters=read_counters(result), stage_order=stage_order,
@@ -167,6 +192,61 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     _write_text(FileSystems.join(out, "summary.json"), json.dumps(summary, indent=2, ensure_ascii=False))
     _write_text(FileSystems.join(out, "reconciliation.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_source))
     return summary
+
+
+def _runs_here(options) -> bool:
+    """Whether the workers run on this machine (the direct runner), so they can report progress."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    return (options.view_as(StandardOptions).runner or "DirectRunner") in ("DirectRunner", "direct")
+
+
+def _log_path(out: str, work_dir: str) -> str:
+    if "://" in out:  # a bucket: the log stays on this machine
+        return os.path.join(tempfile.mkdtemp(prefix="echat-build-"), "beam.log")
+    return os.path.join(work_dir, "beam.log")
+
+
+@contextlib.contextmanager
+def console_logging(log_path: str, *, verbose: bool):
+    """Beam's and our INFO lines go to `log_path`; the console keeps warnings (or all, `verbose`).
+
+    Yields the stream the console should use. Unless `verbose`, the process's standard error (file
+    descriptor 2) also points at the log while the pipeline runs: local worker processes inherit
+    it, and their harness logs at INFO whatever the pipeline options say.
+    """
+    root = logging.getLogger()
+    log_file = open(log_path, "a", encoding="utf-8")
+    console = sys.stderr
+    saved_fd = None
+    if not verbose:
+        sys.stderr.flush()
+        saved_fd = os.dup(2)
+        console = os.fdopen(os.dup(saved_fd), "w", buffering=1, encoding="utf-8", errors="replace")
+        os.dup2(log_file.fileno(), 2)
+    handlers = [logging.StreamHandler(log_file), logging.StreamHandler(console)]
+    handlers[0].setLevel(logging.INFO)
+    handlers[1].setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:  # Beam warns about its own set-up (forwarded worker lines): those stay in the log
+        handlers[1].addFilter(lambda r: not r.name.startswith("apache_beam") or r.levelno >= logging.ERROR)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    saved_handlers, saved_level = root.handlers[:], root.level
+    root.handlers = []
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield console
+    finally:
+        root.handlers = saved_handlers
+        root.setLevel(saved_level)
+        if saved_fd is not None:
+            sys.stderr.flush()
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            console.close()
+        log_file.close()
 
 
 def source_reject_tallies(source_rejects: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -237,6 +317,11 @@ def print_report(summary: dict[str, Any], output: str) -> None:
     print(f"echat build: {inputs['sources']} sources ({inputs['audio_hours'] * 3600:.1f} s of audio) "
           f"-> {outputs['rows']} rows in {outputs['shards']} shard(s), {rejects['total']} rejects, "
           f"{summary['wall_seconds']:.1f} s wall ({summary['x_real_time']}x real time)")
+    print(f"  {'stage':<14}{'in':>7}{'out':>7}{'rejected':>10}{'skipped':>9}{'busy s':>9}{'x real time':>13}")
+    for slot, st in summary["stages"].items():
+        xrt = "" if st["x_real_time"] is None else f"{st['x_real_time']:.0f}"
+        print(f"  {slot:<14}{st['in']:>7}{st['out']:>7}{st['rejected']:>10}{st.get('skipped', 0):>9}"
+              f"{st['busy_seconds']:>9.2f}{xrt:>13}")
     for reason, n in rejects["by_stage_reason"].items():
         print(f"  rejected {n:>4}  {reason}")
     ok = summary["reconciliation"]["ok"]
@@ -245,3 +330,5 @@ def print_report(summary: dict[str, Any], output: str) -> None:
     print(f"  shards:  {paths['data']}/")
     print(f"  rejects: {paths['rejects']}/")
     print(f"  summary: {paths['summary']}")
+    if paths.get("log"):
+        print(f"  log:     {paths['log']}")

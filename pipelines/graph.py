@@ -1,13 +1,15 @@
-"""The build graph: source records -> stages of the profile -> shards, rejects and tallies.
+"""The build graph: source records -> the profile's stages -> shards, rejects and tallies.
 
 ```
-records -> Reshuffle -> decode -> vad -> asr -> labelers... -> metrics -> filter
-        -> reply -> tts -> (speech tokens) -> encode -> WriteShards      -> OUT/data/
-every stage's rejects (and the source's) ------------------------> OUT/rejects/
-per-source tallies (files, segments, rows, rejects, seconds) ----> OUT/_work/tallies.json
+records -> Reshuffle -> decode -> vad -> Reshuffle -> asr -> labelers... -> filter
+        -> reply -> tts -> encode -> WriteShards                          -> OUT/data/
+every stage's rejects (and the source's) --------------------------------> OUT/rejects/
+per-source tallies (each stage's in/out/rejects, rows, seconds) ---------> OUT/_work/tallies.json
 ```
-The Reshuffle right after the source spreads files over workers while records are still light;
-from there the stages fuse, so waveforms pass between them in memory and are never serialised.
+The first Reshuffle spreads files over workers while records are still light. After a stage that
+splits records (VAD, diarization) a second one spreads the segments, each holding only its own
+slice of audio, so one long recording keeps every worker busy. Elsewhere stages fuse, and
+waveforms pass between them in memory.
 """
 
 from __future__ import annotations
@@ -18,42 +20,46 @@ from typing import Any
 
 import apache_beam as beam
 
-from echat.labelers.filters import QualityFilter
+from echat.schemas.stage_runner import RetryPolicy
 
 from .profile import Profile
 from .rows import EncodeRow
 from .shards import WriteShards
 from .stage_transform import ApplyStage, StageSpec
 
-# Stages whose models gain from batching: BatchElements feeds them lists of records.
-BATCHED_STAGES = frozenset({"asr", "gender", "age", "emotion", "events", "style", "reply", "tts", "speech_tokens"})
+ENCODE_SLOT = "encode"
 
 
 def stage_specs(profile: Profile) -> list[StageSpec]:
-    """The profile's stages in build order, the quality filter right after the labelers.
-
-    The filter runs before anything is spent on replies and speech, and runs whether or not
-    the profile has a reply stage at all.
-    """
-    chosen = [StageSpec(stage, choice.backend, _with_cache_dir(stage, choice, profile.cache_dir))
-              for stage, choice in profile.stage_choices()]
-    labelers = [s for s in chosen if s.stage not in Profile.SYNTH_ORDER]
-    synth = [s for s in chosen if s.stage in Profile.SYNTH_ORDER]
-    quality_filter = StageSpec("filter", None, profile.filters.model_dump(), factory=QualityFilter)
-    return [*labelers, quality_filter, *synth, StageSpec("encode", None, {}, factory=EncodeRow)]
-
-
-def _with_cache_dir(stage: str, choice, cache_dir: str) -> dict[str, Any]:
-    """The profile's cache folder goes to every backend that takes one (slow or paid calls)."""
-    import inspect
+    """The profile's enabled stages in order, then the row encoder."""
     import os
 
-    from .backends import backend_path, load_class
+    from .backends import backend_path
 
-    params = dict(choice.params)
-    accepts = inspect.signature(load_class(backend_path(stage, choice.backend))).parameters
+    specs = []
+    precedence = tuple(profile.precedence)
+    for entry in profile.enabled_stages():
+        path = backend_path(entry.backend_kind, entry.backend)
+        retry = entry.retry or profile.retry
+        specs.append(StageSpec(
+            entry.slot, path, _with_cache_dir(path, entry.params, os.path.expanduser(profile.cache_dir)),
+            batch_size=entry.batch_size, max_in_flight=entry.max_in_flight,
+            retry=RetryPolicy(**retry.model_dump()), precedence=precedence, resources=entry.resources,
+        ))
+    specs.append(StageSpec(ENCODE_SLOT, None, {}, factory=EncodeRow, precedence=precedence))
+    return specs
+
+
+def _with_cache_dir(class_path: str, params: dict[str, Any], cache_dir: str) -> dict[str, Any]:
+    """The profile's cache folder goes to every backend that takes one (slow or paid calls)."""
+    import inspect
+
+    from .backends import load_class
+
+    params = dict(params)
+    accepts = inspect.signature(load_class(class_path)).parameters
     if "cache_dir" in accepts and "cache_dir" not in params and cache_dir:
-        params["cache_dir"] = os.path.expanduser(cache_dir)
+        params["cache_dir"] = cache_dir
     return params
 
 
@@ -101,6 +107,7 @@ def build_graph(
     data_dir: str,
     rejects_prefix: str,
     tallies_path: str,
+    progress_dir: str | None = None,
 ):
     """Add the build to `pipeline`. Returns the PCollection of written-shard descriptions."""
     current = (
@@ -114,13 +121,15 @@ def build_graph(
     source_rejects_pcoll = pipeline | "SourceRejects" >> beam.Create(source_rejects)
     rejects = []
 
-    for spec in stage_specs(profile):
-        current, stage_rejects = current | ApplyStage(spec, batched=spec.stage in BATCHED_STAGES)
+    specs = stage_specs(profile)
+    for i, spec in enumerate(specs):
+        current, stage_rejects, stage_tallies = current | ApplyStage(spec, progress_dir)
         rejects.append(stage_rejects)
-        if spec.stage == "decode":
+        tallies.append(stage_tallies)
+        if i == 0:  # the decoder: what each source file held
             tallies.append(current | "TallySourceAudio" >> beam.Map(_tally("decoded", "_source_duration")))
-        elif spec.stage == "vad":
-            tallies.append(current | "TallySegments" >> beam.Map(_tally("segments")))
+        if spec.splits:
+            current = current | f"SpreadAfter[{spec.slot}]" >> beam.Reshuffle()
 
     rows = current
     tallies.append(rows | "TallyRows" >> beam.Map(_tally("written", "duration")))

@@ -1,19 +1,23 @@
 """Run profiles: YAML files in configs/, validated when loaded.
 
-A profile names a backend and its parameters for every stage, the filters, the output layout and
-the Beam options. An unknown or mistyped key anywhere is an error that names it, and any value
-can be overridden with `--set dotted.key=value` (the value is read as YAML).
+A profile is an ordered list of stage slots (each naming a backend, its parameters, and optionally
+its batch size, requests in flight, retry policy and resource hints), the precedence rule for
+fields several sources could fill, the output layout and the Beam options. An unknown or mistyped
+key anywhere is an error that names it, and any value can be overridden with
+`--set dotted.key=value` (read as YAML); `--set SLOT.params.key=value` addresses a stage by slot.
 """
 
 from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
-from echat.settings import resolve_named_yaml, validate_settings
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from echat.schemas.stage import MANIFEST, ORIGINS
+from echat.schemas.stage_runner import DEFAULT_PRECEDENCE, stage_groups
+from echat.settings import apply_override, resolve_named_yaml, validate_settings
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import backends
 
@@ -26,35 +30,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class StageChoice(_Strict):
-    backend: str
+class RetryOptions(_Strict):
+    """How transient failures (HTTP 429/5xx, timeouts) are retried (schemas/stage_runner.py)."""
+
+    max_attempts: int = Field(4, ge=1)
+    backoff_s: float = Field(0.5, ge=0.0)
+    max_backoff_s: float = Field(30.0, ge=0.0)
+
+
+class StageEntry(_Strict):
+    """One slot of the build: which backend fills it, with what parameters and resources."""
+
+    slot: str  # the name used everywhere: counters, rejects, the summary, `--set SLOT.params.x=`
+    backend: str  # a name from pipelines/backends.py for this kind, or "package.module:Class"
+    kind: str | None = None  # which backend table `backend` is looked up in; default: the slot
     params: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int | None = Field(None, ge=1)  # default: the backend class's
+    max_in_flight: int | None = Field(None, ge=1)  # default: the backend class's
+    retry: RetryOptions | None = None  # default: the profile's
+    # Beam resource hints (accelerator, min_ram...): the stage runs after a Reshuffle, so on
+    # Dataflow it is not fused with the CPU stages before it.
+    resources: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def enabled(self) -> bool:
+        return self.backend != backends.NONE
 
-class DecodeOptions(_Strict):
-    backend: str = "soundfile"
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-class FilterOptions(_Strict):
-    """Segments outside these bounds go to rejects with a `filtered_...` reason (labelers/filters.py)."""
-
-    min_duration_s: float = 0.5
-    max_duration_s: float = 30.0
-    min_snr_db: float | None = None
-    min_speech_ratio: float | None = None
-    max_clipping_ratio: float | None = 0.05
-    require_transcript: bool = True
-
-    @model_validator(mode="after")
-    def _bounds_make_sense(self) -> "FilterOptions":
-        for name in ("min_duration_s", "max_duration_s", "min_speech_ratio", "max_clipping_ratio"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must not be negative, got {value}")
-        if self.min_duration_s is not None and self.max_duration_s is not None and self.min_duration_s > self.max_duration_s:
-            raise ValueError(f"min_duration_s ({self.min_duration_s}) exceeds max_duration_s ({self.max_duration_s}): every segment would be rejected")
-        return self
+    @property
+    def backend_kind(self) -> str:
+        return self.kind or self.slot
 
 
 class OutputOptions(_Strict):
@@ -83,45 +87,51 @@ class Profile(_Strict):
     dataset_name: str = "echat"
     license: str | None = None
     # Manifest transcript, language and labels (gender, age, emotion...) are taken as given and
-    # labelled with model "manifest"; labelers fill only what the manifest leaves empty.
+    # labelled with model "manifest".
     trust_manifest: bool = True
+    # Which source wins a field that several could fill, best first (schemas/stage_runner.py): a
+    # stage writes a label group only when it is empty or held by a source ranked below its own.
+    precedence: list[str] = Field(default_factory=lambda: list(DEFAULT_PRECEDENCE))
     cache_dir: str = "~/.cache/echat-forge"
-    decode: DecodeOptions = Field(default_factory=DecodeOptions)
-    vad: StageChoice
-    asr: StageChoice
-    gender: StageChoice = Field(default_factory=lambda: StageChoice(backend=backends.NONE))
-    age: StageChoice = Field(default_factory=lambda: StageChoice(backend=backends.NONE))
-    emotion: StageChoice = Field(default_factory=lambda: StageChoice(backend=backends.NONE))
-    events: StageChoice = Field(default_factory=lambda: StageChoice(backend=backends.NONE))
-    style: StageChoice = Field(default_factory=lambda: StageChoice(backend=backends.NONE))
-    metrics: StageChoice = Field(default_factory=lambda: StageChoice(backend="acoustic"))
-    filters: FilterOptions = Field(default_factory=FilterOptions)
-    reply: StageChoice
-    tts: StageChoice
-    speech_tokens: StageChoice = Field(default_factory=lambda: StageChoice(backend=backends.NONE))
+    retry: RetryOptions = Field(default_factory=RetryOptions)
+    # The build's stages, in order. Adding a stage is one entry here.
+    stages: list[StageEntry]
     output: OutputOptions = Field(default_factory=OutputOptions)
     beam: BeamOptions = Field(default_factory=BeamOptions)
 
-    # Stages in build order after decoding; each is a StageChoice field of the profile.
-    STAGE_ORDER: ClassVar[tuple[str, ...]] = ("vad", "asr", "gender", "age", "emotion", "events", "style", "metrics")
-    SYNTH_ORDER: ClassVar[tuple[str, ...]] = ("reply", "tts", "speech_tokens")
-
-    @field_validator("vad")
+    @field_validator("precedence")
     @classmethod
-    def _vad_is_required(cls, choice: StageChoice) -> StageChoice:
-        if choice.backend == backends.NONE:
-            raise ValueError("every build needs a VAD backend: segments get their bounds and id there")
-        return choice
+    def _known_origins(cls, value: list[str]) -> list[str]:
+        unknown = [o for o in value if o not in ORIGINS]
+        if unknown or len(set(value)) != len(value):
+            raise ValueError(f"lists each of {', '.join(ORIGINS)} at most once; got {value}")
+        return value
 
-    def stage_choices(self) -> list[tuple[str, StageChoice]]:
-        """(stage, choice) for every enabled stage in build order, decode first."""
-        decode = StageChoice(backend=self.decode.backend, params=self.decode.params)
-        chosen = [("decode", decode)]
-        for stage in (*self.STAGE_ORDER, *self.SYNTH_ORDER):
-            choice = getattr(self, stage)
-            if choice.backend != backends.NONE:
-                chosen.append((stage, choice))
-        return chosen
+    @field_validator("stages")
+    @classmethod
+    def _unique_slots(cls, entries: list[StageEntry]) -> list[StageEntry]:
+        seen = set()
+        for entry in entries:
+            if entry.slot in seen:
+                raise ValueError(f"slot {entry.slot!r} appears twice; give each stage its own slot name")
+            if entry.slot in RESERVED_SLOTS:
+                raise ValueError(f"slot name {entry.slot!r} is reserved for the build's own steps")
+            seen.add(entry.slot)
+        return entries
+
+    def enabled_stages(self) -> list[StageEntry]:
+        """The entries that run, in build order (a backend of `none` leaves its slot out)."""
+        return [entry for entry in self.stages if entry.enabled]
+
+    def stage(self, slot: str) -> StageEntry:
+        for entry in self.stages:
+            if entry.slot == slot:
+                return entry
+        raise KeyError(f"profile {self.name!r} has no stage {slot!r}; slots: {', '.join(e.slot for e in self.stages)}")
+
+
+# Steps of the build that are not profile stages: the source and the row encoder before the sink.
+RESERVED_SLOTS = ("source", "encode")
 
 
 def configs_dir() -> Path:
@@ -141,15 +151,62 @@ def resolve(name_or_path: str) -> Path:
 
 
 def load_profile(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Profile:
+    """The profile, with `--set` overrides applied, validated; errors name the key or the slot.
+
+    `--set SLOT.backend=...` and `--set SLOT.params.key=value` address a stage entry by its slot.
+    """
     path = resolve(name_or_path)
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     try:
-        profile = validate_settings(Profile, data, overrides, what="profile", where=str(path))
-    except ValueError as exc:
-        raise ProfileError(str(exc)) from None
-    for stage, choice in profile.stage_choices():
-        try:
-            backends.check_params(stage, choice.backend, choice.params, where=stage)
-        except backends.BackendError as exc:
-            raise ProfileError(f"invalid profile {path}: {exc}") from None
+        rest = _apply_slot_overrides(data, overrides)
+        profile = validate_settings(Profile, data, rest, what="profile", where=str(path))
+        check_stages(profile)
+    except (ValueError, backends.BackendError) as exc:
+        message = str(exc)
+        raise ProfileError(message if message.startswith("invalid profile") else f"invalid profile {path}: {message}") from None
     return profile
+
+
+def _apply_slot_overrides(data: dict[str, Any], overrides) -> list[str]:
+    """Apply overrides whose first key is a stage slot to that entry; return the others."""
+    if not isinstance(data, dict):
+        return list(overrides)
+    entries = {e.get("slot"): e for e in data.get("stages") or [] if isinstance(e, dict)}
+    rest = []
+    for assignment in overrides:
+        head, _, tail = assignment.partition(".")
+        if head in entries and tail:
+            apply_override(entries[head], tail)
+        else:
+            rest.append(assignment)
+    return rest
+
+
+def check_stages(profile: Profile) -> None:
+    """Load-time checks of the stage list: every backend known, its params accepted by its class
+    (and its constructor's own checks passed), something that cuts files into segments, and no
+    stage whose output the precedence rule would always throw away."""
+    enabled = profile.enabled_stages()
+    if not enabled:
+        raise ValueError("the profile has no enabled stages")
+    segmenter = None
+    for entry in enabled:
+        where = entry.slot
+        cls = backends.stage_class(entry.backend_kind, entry.backend)
+        backends.check_params(cls, entry.params, where=where)
+        try:
+            cls(**entry.params)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{where} ({entry.backend}): {exc}") from None
+        if entry.resources:
+            backends.check_resource_hints(entry.resources, where=where)
+        if cls.origin not in profile.precedence and stage_groups(cls):
+            raise ValueError(
+                f"{where} ({entry.backend}) could never write anything: its origin {cls.origin!r} is not in "
+                f"precedence {profile.precedence}")
+        if segmenter is None and "id" in cls.writes:
+            segmenter = entry.slot
+    if segmenter is None:
+        raise ValueError("no stage cuts files into segments (writes `id` and the segment bounds): add a VAD stage")
+    if profile.trust_manifest and MANIFEST not in profile.precedence:
+        raise ValueError("trust_manifest is true but 'manifest' is not in precedence: manifest labels would never be kept")

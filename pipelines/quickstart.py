@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     manifest = corpus / "manifest.jsonl"
     print(f"demo corpus: {args.n} utterances, manifest {manifest}")
     try:
-        summary = build(profile, str(manifest), str(out / "build"), beam_args=getattr(args, "extra_args", []), overwrite=True)
+        summary = build(profile, str(manifest), str(out / "build"), beam_args=getattr(args, "extra_args", []), overwrite=True,
+                        show_progress=True)
     except ValueError as exc:  # e.g. an unknown Beam option
         print(f"echat quickstart: {exc}", file=sys.stderr)
         return 2

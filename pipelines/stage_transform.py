@@ -1,141 +1,203 @@
-"""Beam wrapping of a plain-Python `Stage`.
+"""Beam wrapping of a plain-Python `Stage` under its `StageRunner` (schemas/stage_runner.py).
 
-`ApplyStage` builds the stage once per worker (`DoFn.setup`), runs it on single records or on
-batches (`BatchElements`) for stages that declare `batched`, sends Rejects to the `rejects`
-output, and keeps Beam counters per stage: elements in/out/rejected, microseconds spent and
-audio seconds seen, which the run summary reads back. A record on which the stage raises is
-rejected with reason `stage_error` (whatever it yielded before raising is discarded, so the record
-is counted once), never lost and never fatal to the run.
+`ApplyStage` turns records into three outputs: the stage's records, its rejects, and per-source
+tallies (inputs, inputs that produced something, outputs, rejects, by slot) from which the summary
+reconciles every source whatever the stages split or drop. The loaded stage is shared by every
+thread of a worker process (Beam's `Shared`), batches are cut to the stage's `batch_size`, and a
+stage with resource hints runs after a Reshuffle so a runner cannot fuse it with the CPU stages
+before it. Beam counters per slot: in, out, rejected, skipped, retried, busy microseconds, audio.
 """
 
 from __future__ import annotations
 
-import logging
-import os
+import threading
 import time
+import weakref
+from collections import Counter
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.utils import shared
 
-from echat.schemas.stage import Reject, process_or_reject
+from echat.schemas.stage import Reject
+from echat.schemas.stage_runner import DEFAULT_PRECEDENCE, RetryPolicy, StageRunner
+
+from . import progress
 
 REJECTS = "rejects"
+TALLIES = "tallies"
 METRICS_NAMESPACE = "echat"
-_log = logging.getLogger("echat.build")
 
 
 class StageSpec:
     """What a worker needs to rebuild a stage: picklable, unlike a loaded model."""
 
-    def __init__(self, stage: str, backend: str | None, params: dict[str, Any], factory=None):
-        self.stage, self.backend, self.params, self.factory = stage, backend, dict(params), factory
+    def __init__(
+        self,
+        slot: str,
+        class_path: str | None,
+        params: dict[str, Any],
+        *,
+        factory=None,
+        batch_size: int | None = None,
+        max_in_flight: int | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+        precedence: tuple[str, ...] = DEFAULT_PRECEDENCE,
+        resources: dict[str, Any] | None = None,
+    ):
+        self.slot, self.class_path, self.params, self.factory = slot, class_path, dict(params), factory
+        self.batch_size, self.max_in_flight = batch_size, max_in_flight
+        self.retry, self.precedence, self.resources = retry, tuple(precedence), dict(resources or {})
+
+    def stage_class(self) -> type:
+        if self.factory is not None:
+            return self.factory
+        from .backends import load_class
+
+        return load_class(self.class_path)
 
     def build(self):
-        if self.factory is not None:
-            return self.factory(**self.params)
-        from .backends import build_stage
+        """A configured, not yet set-up, stage with this slot's name and overrides."""
+        stage = self.stage_class()(**self.params)
+        stage.slot = self.slot
+        if self.batch_size is not None:
+            stage.batch_size = self.batch_size
+        if self.max_in_flight is not None:
+            stage.max_in_flight = self.max_in_flight
+        return stage
 
-        return build_stage(self.stage, self.backend, self.params)
+    @property
+    def splits(self) -> bool:
+        return bool(getattr(self.stage_class(), "splits", False))
+
+    def records_per_call(self) -> int:
+        cls = self.stage_class()
+        size = self.batch_size or cls.batch_size
+        in_flight = self.max_in_flight or cls.max_in_flight
+        return max(1, size, in_flight)
 
 
-def counter_name(stage: str, what: str) -> str:
-    return f"{stage}.{what}"
+def counter_name(slot: str, what: str) -> str:
+    return f"{slot}.{what}"
+
+
+class _LoadedStage:
+    """A set-up stage as Beam's Shared holds it (weak-referenceable), torn down when released."""
+
+    def __init__(self, spec: StageSpec):
+        self.stage = spec.build()
+        self.stage.setup()
+        self.lock = threading.Lock()  # the threads sharing this stage share its lock too
+        self.usage_seen: Counter = Counter()  # what of the stage's usage totals is already counted
+        weakref.finalize(self, self.stage.teardown)
 
 
 class _StageDoFn(beam.DoFn):
-    PROGRESS_EVERY_S = 15.0
-
-    def __init__(self, spec: StageSpec):
+    def __init__(self, spec: StageSpec, progress_dir: str | None):
         self.spec = spec
-        name = spec.stage
-        self.c_in = Metrics.counter(METRICS_NAMESPACE, counter_name(name, "in"))
-        self.c_out = Metrics.counter(METRICS_NAMESPACE, counter_name(name, "out"))
-        self.c_rej = Metrics.counter(METRICS_NAMESPACE, counter_name(name, "rejected"))
-        self.c_us = Metrics.counter(METRICS_NAMESPACE, counter_name(name, "micros"))
-        self.c_audio_ms = Metrics.counter(METRICS_NAMESPACE, counter_name(name, "audio_ms_in"))
+        self.progress_dir = progress_dir
+        self._shared = shared.Shared()
+        slot = spec.slot
+        self.c_in = Metrics.counter(METRICS_NAMESPACE, counter_name(slot, "in"))
+        self.c_out = Metrics.counter(METRICS_NAMESPACE, counter_name(slot, "out"))
+        self.c_rej = Metrics.counter(METRICS_NAMESPACE, counter_name(slot, "rejected"))
+        self.c_skip = Metrics.counter(METRICS_NAMESPACE, counter_name(slot, "skipped"))
+        self.c_retry = Metrics.counter(METRICS_NAMESPACE, counter_name(slot, "retried"))
+        self.c_us = Metrics.counter(METRICS_NAMESPACE, counter_name(slot, "micros"))
+        self.c_audio_ms = Metrics.counter(METRICS_NAMESPACE, counter_name(slot, "audio_ms_in"))
 
     def setup(self):
-        self.stage = self.spec.build()
-        self.stage.setup()
-        self._seen = 0
-        self._audio_s = 0.0
-        self._busy = 0.0
-        self._last_log = time.monotonic()
+        spec = self.spec
+        # One loaded stage per worker process, whatever the number of threads or DoFn copies.
+        self._loaded = self._shared.acquire(lambda: _LoadedStage(spec), tag=(spec.slot, spec.class_path, repr(spec.params)))
+        self.runner = StageRunner(self._loaded.stage, precedence=spec.precedence, retry=spec.retry, lock=self._loaded.lock)
 
-    def teardown(self):
-        stage = getattr(self, "stage", None)
-        if stage is not None:
-            stage.teardown()
-
-    def _emit(self, outputs):
-        for out in outputs:
-            if isinstance(out, Reject):
-                self.c_rej.inc()
-                yield beam.pvalue.TaggedOutput(REJECTS, out.to_dict())
-            else:
-                self.c_out.inc()
-                yield out
-
-    def _run(self, records: list[dict[str, Any]]):
+    def process(self, batch):
+        records = list(batch)
         self.c_in.inc(len(records))
+        before = (self.runner.stats.skipped, self.runner.stats.attempts_retried)
         start = time.perf_counter()
-        if len(records) == 1:
-            outputs = process_or_reject(self.stage, records[0])
-        else:
-            try:
-                outputs = list(self.stage.process_batch(records))
-            except Exception:  # noqa: BLE001 - one bad record must not sink the batch: retry one by one
-                outputs = [out for record in records for out in process_or_reject(self.stage, record)]
+        results = self.runner.run(records)
         spent = time.perf_counter() - start
         self.c_us.inc(int(spent * 1e6))
-        audio_s = _audio_seconds(records, outputs)
+        self.c_skip.inc(self.runner.stats.skipped - before[0])
+        self.c_retry.inc(self.runner.stats.attempts_retried - before[1])
+        audio_s = _audio_seconds(records, results)
         self.c_audio_ms.inc(int(audio_s * 1000))
-        self._progress(len(records), audio_s, spent)
-        return outputs
+        self._count_usage()
 
-    def _progress(self, n: int, audio_s: float, spent: float) -> None:
-        self._seen += n
-        self._audio_s += audio_s
-        self._busy += spent
-        now = time.monotonic()
-        if now - self._last_log >= self.PROGRESS_EVERY_S:
-            self._last_log = now
-            rate = self._seen / self._busy if self._busy else 0.0
-            xrt = self._audio_s / self._busy if self._busy else 0.0
-            _log.info("[%s] worker %d: %d elements (%.2f audio hours), %.1f elements/s and %.0fx real time while busy",
-                      self.spec.stage, os.getpid(), self._seen, self._audio_s / 3600, rate, xrt)
+        tallies: dict[str, Counter] = {}
+        n_out = 0
+        for record, result in zip(records, results):
+            tally = tallies.setdefault(str(record.get("source_uri", "")), Counter())
+            tally[f"in:{self.spec.slot}"] += 1
+            if isinstance(result, Reject):
+                tally[f"rejected:{self.spec.slot}"] += 1
+                self.c_rej.inc()
+                yield beam.pvalue.TaggedOutput(REJECTS, result.to_dict())
+                continue
+            tally[f"parents:{self.spec.slot}"] += 1
+            for out in result:
+                if isinstance(out, Reject):
+                    tally[f"pieces_rejected:{self.spec.slot}"] += 1
+                    self.c_rej.inc()
+                    yield beam.pvalue.TaggedOutput(REJECTS, out.to_dict())
+                else:
+                    tally[f"out:{self.spec.slot}"] += 1
+                    n_out += 1
+                    self.c_out.inc()
+                    yield out
+        for uri, tally in tallies.items():
+            yield beam.pvalue.TaggedOutput(TALLIES, (uri, tally))
+        if self.progress_dir:
+            progress.report(self.progress_dir, self.spec.slot, len(records), n_out, audio_s, spent)
 
+    def _count_usage(self) -> None:
+        # The stage keeps running totals; the counters get what was added since they were last
+        # read (by this thread or another sharing the stage), so the sum over batches is exact.
+        loaded = self._loaded
+        with loaded.lock:
+            totals = Counter(loaded.stage.usage())
+            seen = loaded.usage_seen
+            for name, total in totals.items():
+                delta = int(total) - seen[name]
+                if delta:
+                    Metrics.counter(METRICS_NAMESPACE, counter_name(self.spec.slot, f"usage.{name}")).inc(delta)
+                    seen[name] = int(total)
 
-class _SingleDoFn(_StageDoFn):
-    def process(self, record):
-        yield from self._emit(self._run([record]))
-
-
-class _BatchDoFn(_StageDoFn):
-    def process(self, batch):
-        yield from self._emit(self._run(list(batch)))
+    def finish_bundle(self):
+        if self.progress_dir:
+            progress.flush(self.progress_dir)
 
 
 class ApplyStage(beam.PTransform):
-    """records -> (records, rejects) through one stage."""
+    """records -> (records, rejects, tallies) through one stage."""
 
-    def __init__(self, spec: StageSpec, batched: bool = False, max_batch_size: int = 16):
-        super().__init__(label=f"Stage[{spec.stage}]")
-        self.spec, self.batched, self.max_batch_size = spec, batched, max_batch_size
+    def __init__(self, spec: StageSpec, progress_dir: str | None = None):
+        super().__init__(label=f"Stage[{spec.slot}]")
+        self.spec, self.progress_dir = spec, progress_dir
 
     def expand(self, records):
-        if self.batched:
-            batches = records | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.max_batch_size)
-            result = batches | "Run" >> beam.ParDo(_BatchDoFn(self.spec)).with_outputs(REJECTS, main="records")
+        size = self.spec.records_per_call()
+        if self.spec.resources:
+            records = records | "Unfuse" >> beam.Reshuffle()
+        if size > 1:
+            batches = records | "Batch" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
         else:
-            result = records | "Run" >> beam.ParDo(_SingleDoFn(self.spec)).with_outputs(REJECTS, main="records")
-        return result.records, result[REJECTS]
+            batches = records | "One" >> beam.Map(lambda r: [r])
+        run = beam.ParDo(_StageDoFn(self.spec, self.progress_dir))
+        if self.spec.resources:
+            run = run.with_resource_hints(**self.spec.resources)
+        result = batches | "Run" >> run.with_outputs(REJECTS, TALLIES, main="records")
+        return result.records, result[REJECTS], result[TALLIES]
 
 
-def _audio_seconds(records: list[dict[str, Any]], outputs: list) -> float:
+def _audio_seconds(records: list[dict[str, Any]], results: list) -> float:
     """Audio a stage handled: its inputs' duration, or for decode (inputs not yet decoded) its outputs'."""
     seconds = sum(float(r.get("duration") or r.get("_source_duration") or 0.0) for r in records)
     if not seconds:
-        seconds = sum(float(o.get("_source_duration") or 0.0) for o in outputs if isinstance(o, dict))
+        for result in results:
+            if isinstance(result, list):
+                seconds += sum(float(o.get("_source_duration") or 0.0) for o in result if isinstance(o, dict))
     return seconds

@@ -1,9 +1,16 @@
 """The run summary: counts per stage, audio hours, speed, and per-source reconciliation.
 
-Every input (an audio file, or a manifest row) must be accounted for: either it was rejected
-whole (one file-level reject, nothing else), or it was cut into segments and every segment was
-either written or rejected. `reconciliation.ok` is false, and the mismatching sources are listed,
-when that does not hold.
+Every input (an audio file, or a manifest row) must be accounted for, whatever the stages split or
+drop. Each stage reports, per source, the records it took in, how many of them produced outputs,
+the outputs, and the rejects (of inputs, and of pieces it cut off). Lineage then has to hold:
+  - the first stage took in the source's one input;
+  - at every stage, inputs = inputs that produced something + inputs rejected;
+  - each stage took in exactly what the stage before it put out, and the rows written are what the
+    last stage put out;
+  - every reject a stage counted reached the rejects output.
+A source rejected by the source reader itself has no stage counts and one file-level reject.
+`reconciliation.ok` is false, and the mismatching sources are listed with the broken rule, when
+any of that does not hold.
 """
 
 from __future__ import annotations
@@ -14,38 +21,65 @@ from typing import Any
 from .stage_transform import METRICS_NAMESPACE
 
 PER_SOURCE_LIMIT = 10_000  # beyond this many sources the per-source table goes only to its own file
+RULE = ("per source: the first stage took in its input; at each stage inputs = inputs that produced "
+        "something + inputs rejected, and inputs = the previous stage's outputs; rows written = the "
+        "last stage's outputs; every counted reject was written")
 
 
-def reconcile(tallies: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    """One row per source with its counts and whether inputs = outputs + rejects holds."""
+def lineage_problem(t: Counter, stage_order: list[str]) -> str | None:
+    """The first lineage rule a source's tally breaks, as text; None when it reconciles."""
+    files = int(t["file"])
+    if files != 1:
+        return f"{files} inputs under one source key"
+    if not any(t[f"in:{slot}"] for slot in stage_order):  # rejected by the source reader
+        if int(t["rejected_file"]) == 1 and int(t["written"]) == 0 and int(t["rejected_segment"]) == 0:
+            return None
+        return "never reached a stage, yet is not one file-level reject"
+    expected, previous = 1, "the source"
+    counted_rejects = 0
+    for slot in stage_order:
+        taken = int(t[f"in:{slot}"])
+        if taken != expected:
+            return f"{slot} took in {taken} record(s) but {previous} put out {expected}"
+        produced, rejected = int(t[f"parents:{slot}"]), int(t[f"rejected:{slot}"])
+        if taken != produced + rejected:
+            return f"{slot}: {taken} in, but {produced} produced output and {rejected} were rejected"
+        counted_rejects += rejected + int(t[f"pieces_rejected:{slot}"])
+        expected, previous = int(t[f"out:{slot}"]), slot
+    if int(t["written"]) != expected:
+        return f"{int(t['written'])} row(s) written but {previous} put out {expected}"
+    written_rejects = int(t["rejected_file"] + t["rejected_segment"])
+    if written_rejects != counted_rejects:
+        return f"stages counted {counted_rejects} reject(s) but {written_rejects} reached the rejects output"
+    return None
+
+
+def reconcile(tallies: dict[str, dict[str, float]], stage_order: list[str]) -> list[dict[str, Any]]:
+    """One row per source with its counts and whether its lineage holds (`lineage_problem`)."""
     rows = []
     for uri in sorted(tallies):
         t = Counter(tallies[uri])
-        files = int(t["file"])
-        file_rejects = int(t["rejected_file"])
-        # Segments the VAD made: those it passed on plus those it dropped as too short. (A
-        # file-level VAD reject, no speech at all, made none.)
-        segments = int(t["segments"]) + (0 if file_rejects else int(t["rejected_at_vad"]))
-        written = int(t["written"])
-        segment_rejects = int(t["rejected_segment"])
-        if file_rejects:
+        written, segment_rejects, file_rejects = int(t["written"]), int(t["rejected_segment"]), int(t["rejected_file"])
+        problem = lineage_problem(t, stage_order)
+        if written:
+            status = "written"
+        elif file_rejects and not segment_rejects:
             status = "rejected"
-            ok = file_rejects == files and written == 0 and segment_rejects == 0 and int(t["segments"]) == 0
         else:
-            status = "written" if written else "all_segments_rejected"
-            ok = files == 1 and segments >= 1 and segments == written + segment_rejects
-        rows.append(
-            {
-                "source_uri": uri,
-                "status": status,
-                "segments": segments,
-                "written": written,
-                "rejected_segments": segment_rejects,
-                "rejected_file": file_rejects,
-                "source_seconds": round(float(t["decoded_seconds"]), 3),
-                "ok": ok,
-            }
-        )
+            status = "all_segments_rejected"
+        row = {
+            "source_uri": uri,
+            "status": status,
+            "segments": written + segment_rejects,
+            "written": written,
+            "rejected_segments": segment_rejects,
+            "rejected_file": file_rejects,
+            "source_seconds": round(float(t["decoded_seconds"]), 3),
+            "ok": problem is None,
+        }
+        if problem:
+            row["problem"] = problem
+        rows.append(row)
     return rows
 
 
@@ -59,11 +93,17 @@ def stage_stats(counters: dict[str, int], stage_order: list[str]) -> dict[str, d
             "in": counters.get(f"{stage}.in", 0),
             "out": counters.get(f"{stage}.out", 0),
             "rejected": counters.get(f"{stage}.rejected", 0),
+            "skipped": counters.get(f"{stage}.skipped", 0),
+            "retried": counters.get(f"{stage}.retried", 0),
             "busy_seconds": round(seconds, 3),
             "audio_seconds_in": round(audio, 3),
             # below a millisecond of busy time the ratio says nothing
             "x_real_time": round(audio / seconds, 1) if seconds >= 1e-3 else None,
         }
+        prefix = f"{stage}.usage."
+        usage = {k[len(prefix):]: v for k, v in sorted(counters.items()) if k.startswith(prefix)}
+        if usage:
+            stats[stage]["usage"] = usage
     return stats
 
 
@@ -87,7 +127,7 @@ def make_summary(
     wall_seconds: float,
     context: dict[str, Any],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    per_source = reconcile(tallies)
+    per_source = reconcile(tallies, stage_order)
     totals = Counter()
     for t in tallies.values():
         totals.update(t)
@@ -117,7 +157,7 @@ def make_summary(
         "reconciliation": {
             "ok": not mismatches,
             "sources_checked": len(per_source),
-            "rule": "per source: rejected whole, or segments = written + rejected segments",
+            "rule": RULE,
             "mismatches": mismatches[:100],
         },
     }

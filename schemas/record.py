@@ -105,6 +105,30 @@ FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
 FIELDS_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
 AUDIO_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.kind == AUDIO)
 
+# Fields that several sources may fill (the manifest, a model, a heuristic), each with the fields
+# that travel with its value. Which source wins is the profile's precedence rule
+# (schemas/stage_runner.py); a group is kept or replaced whole.
+LABEL_GROUPS: dict[str, tuple[str, ...]] = {
+    "transcript": ("transcript", "transcript_origin", "transcript_confidence", "words"),
+    "language": ("language", "language_origin"),
+    **{label: (label, f"{label}_score", f"{label}_model") for label in ("gender", "age", "emotion", "events", "style")},
+}
+
+# Where each produced value records what produced it. The stage runner stamps the provenance
+# field from the stage's `describe()` whenever a stage writes the value (`_reply_waveform` is the
+# reply speech before encoding).
+PROVENANCE: dict[str, str] = {
+    "transcript": "transcript_origin",
+    "language": "language_origin",
+    **{label: f"{label}_model" for label in ("gender", "age", "emotion", "events", "style")},
+    "reply_text": "llm_model",
+    "think_tags": "llm_model",
+    "think_text": "llm_model",
+    "reply_emotion": "llm_model",
+    "_reply_waveform": "tts_model",
+    "reply_speech_tokens": "speech_tokenizer_model",
+}
+
 _WORD = pa.struct([("word", pa.string()), ("start", pa.float32()), ("end", pa.float32()), ("score", pa.float32())])
 _TURN = pa.struct([("role", pa.string()), ("text", pa.string())])
 _AUDIO = pa.struct([("bytes", pa.binary()), ("path", pa.string())])

@@ -1,18 +1,40 @@
 """The contract every stage implements: plain Python over record dicts, no Beam.
 
-A stage is a small class whose constructor arguments are its configuration (so a profile's
-`params:` map onto them), that declares the fields it reads and writes, loads its models once in
-`setup()`, and turns records into records. A record it cannot handle leaves as a `Reject` with the
-stage name, a reason code and the detail: nothing vanishes. `pipelines/` wraps stages in Beam
-transforms; tests, benchmarks and notebooks call them directly.
+A stage is a small class whose constructor arguments are its configuration (a profile entry's
+`params:` map onto them). It declares:
+  name           its default slot name; the profile's slot replaces it (`slot`), and the slot is the
+                 name used everywhere: counters, rejects, the summary
+  reads, writes  the fields it reads and the fields it adds, changes or removes (working keys that
+                 start with `_` included). The runner checks every output against `writes`.
+  clears         label groups it may empty but never fills (VAD empties a file's transcript on the
+                 pieces of a file it splits): allowed whatever source holds them, and not a
+                 reason for precedence to skip the stage
+  origin         what kind of source its labels are ("model" or "heuristic"): the profile's
+                 precedence decides which source wins a field (manifest, model, heuristic)
+  batch_size     records per `process_batch` call (a class default the profile can override)
+  max_in_flight  for I/O-bound stages (HTTP, subprocesses): records processed concurrently, by
+                 `process_one` in threads; a stage that sets it above 1 is thread-safe by that
+  splits         whether one input may become several records (VAD, diarization)
+It loads its models once in `setup()` and turns each input into one `Result`:
+  - a list of outputs: zero, one or several records, and Rejects of pieces it cut off (a VAD
+    segment too short to keep); each output knows its parent through the runner's lineage keys
+  - or a single `Reject`: this input is dropped, with a reason code and the detail.
+A permanent failure is a Reject; a transient one (HTTP 429/5xx, a timeout) raises
+`TransientError`, and the runner retries that record alone, with backoff, a bounded number of
+times. `pipelines/` wraps stages in Beam transforms; tests, benchmarks and notebooks use
+`stage_runner.run_stages`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
+
+# Origins of a field's value, as the profile's precedence names them.
+MANIFEST, MODEL, HEURISTIC = "manifest", "model", "heuristic"
+ORIGINS = (MANIFEST, MODEL, HEURISTIC)
 
 
 @dataclass(frozen=True)
@@ -43,19 +65,48 @@ class Reject:
         return asdict(self)
 
 
-class Stage(ABC):
-    """One step of the build: reads some fields, adds some, may split or reject a record.
+# What a stage returns for one input: its outputs (records and Rejects of pieces), or its Reject.
+Result = Union[list[Union[dict[str, Any], Reject]], Reject]
 
-    Subclasses set `name`, `reads` and `writes`, take their configuration as constructor keyword
-    arguments, load heavy models in `setup()` (once per worker), and implement `process` (one
-    record) or, for model stages that gain from batching, `process_batch`.
+
+class TransientError(Exception):
+    """A failure that may pass if tried again (rate limit, server error, timeout).
+
+    `retry_after` (seconds), when the peer said how long to wait, replaces the backoff delay.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Stage(ABC):
+    """One step of the build: reads some fields, writes some, may split or reject a record.
+
+    Subclasses set the class attributes described in the module docstring, take their
+    configuration as constructor keyword arguments, load heavy models in `setup()` (once per
+    worker), and implement `process` (one record) or, for stages that gain from batching,
+    `process_batch`.
     """
 
     name: ClassVar[str] = "stage"
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
-    # Model stages set this so the pipeline batches their input (BatchElements).
-    batched: ClassVar[bool] = False
+    clears: ClassVar[tuple[str, ...]] = ()
+    origin: ClassVar[str] = MODEL
+    batch_size: ClassVar[int] = 1
+    max_in_flight: ClassVar[int] = 1
+    splits: ClassVar[bool] = False
+    # Whether one instance may serve several threads at once (a worker process shares one loaded
+    # instance between its threads; the runner serialises calls to a stage that is not).
+    thread_safe: ClassVar[bool] = False
+
+    # The profile's slot name for this instance; set by whoever builds it from a profile.
+    slot: str | None = None
+
+    @property
+    def slot_name(self) -> str:
+        return self.slot or self.name
 
     def setup(self) -> None:
         """Load models and other per-worker state. Called once before the first record."""
@@ -65,52 +116,46 @@ class Stage(ABC):
 
     @abstractmethod
     def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
-        """Yield zero or more output records and/or Rejects for one input record."""
+        """Yield the outputs for one input record, or yield exactly one Reject of the input.
 
-    def process_batch(self, records: list[dict[str, Any]]) -> Iterator[dict[str, Any] | Reject]:
-        """Yield the outputs for a batch; the default handles records one at a time."""
-        for record in records:
-            yield from self.process(record)
+        Raise `TransientError` for a failure worth retrying; any other exception rejects the
+        record with reason `stage_error`.
+        """
+
+    def process_batch(self, records: list[dict[str, Any]]) -> list[Result | BaseException]:
+        """One result per input, in order. The default runs `process` on each record alone.
+
+        An override that batches model calls must keep a bad record from sinking its neighbours:
+        return the exception in that record's place (the runner turns it into a Reject, or retries
+        it if it is transient) and results for the others. An exception raised out of
+        `process_batch` itself rejects (or, if transient, retries) the whole batch.
+        """
+        return [self.process_one(record) for record in records]
+
+    def process_one(self, record: dict[str, Any]) -> Result | BaseException:
+        """`process` on one record as a Result; an exception is returned in its place."""
+        try:
+            return as_result(list(self.process(record)))
+        except Exception as exc:  # noqa: BLE001 - one bad record must not stop the run
+            return exc
 
     def reject(self, record: dict[str, Any], reason: str, detail: str) -> Reject:
-        return Reject.of(record, self.name, reason, detail)
+        return Reject.of(record, self.slot_name, reason, detail)
 
     def describe(self) -> str:
-        """Model name written into the `*_model` fields; backends override with their weights."""
+        """Name of the model or method; the runner writes it into the `*_model` fields."""
         return type(self).__name__
 
+    def usage(self) -> dict[str, int]:
+        """Running totals of what the stage spent (requests, tokens, cost in micro-dollars...).
 
-def process_or_reject(stage: Stage, record: dict[str, Any]) -> list[dict[str, Any] | Reject]:
-    """The outputs of `stage` for one record, or a single `stage_error` Reject if it raises.
-
-    Outputs yielded before the exception are discarded: a record is either processed or
-    rejected, never both, so the run's counts reconcile.
-    """
-    try:
-        return list(stage.process(record))
-    except Exception as exc:  # noqa: BLE001 - a bad record must not stop the run
-        return [stage.reject(record, "stage_error", f"{type(exc).__name__}: {exc}")]
+        Whole numbers, since they become counters; the run summary shows them per slot.
+        """
+        return {}
 
 
-def run_stages(stages: Iterable[Stage], records: Iterable[dict[str, Any]]) -> tuple[list[dict], list[Reject]]:
-    """Run records through stages in order without Beam (tests, notebooks, the model's data path).
-
-    Calls `setup()` on each stage first and `teardown()` at the end. A stage that raises on a
-    record rejects that record with reason `stage_error` (see `process_or_reject`).
-    """
-    stages = list(stages)
-    for stage in stages:
-        stage.setup()
-    current = list(records)
-    rejects: list[Reject] = []
-    try:
-        for stage in stages:
-            produced: list[dict] = []
-            for record in current:
-                for out in process_or_reject(stage, record):
-                    (rejects if isinstance(out, Reject) else produced).append(out)
-            current = produced
-    finally:
-        for stage in stages:
-            stage.teardown()
-    return current, rejects
+def as_result(outputs: list[dict[str, Any] | Reject]) -> Result:
+    """What `process` yielded, as a Result: a lone Reject of the input itself is the input's Reject."""
+    if len(outputs) == 1 and isinstance(outputs[0], Reject):
+        return outputs[0]
+    return outputs

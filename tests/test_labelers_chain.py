@@ -12,7 +12,7 @@ from echat.labelers.gender import PitchGender
 from echat.labelers.metrics import METRIC_FIELDS, AcousticMetrics
 from echat.labelers.vad import SPLIT_FLAG, SileroVAD
 from echat.schemas.record import FIELDS_BY_NAME, SAMPLE_RATE
-from echat.schemas.stage import run_stages
+from echat.schemas.stage_runner import run_stages
 from echat.schemas.vocab import EMOTIONS, GENDERS
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import test_labelers_support as speech
-from echat.labelers.audio import AudioError, decode_bytes, encode_flac, load_audio
+from echat.schemas.audio import AudioError, decode_bytes, encode_flac, load_audio
 from echat.labelers.decode import DecodeAudio
 from echat.schemas.stage import Reject
 
@@ -253,14 +253,15 @@ def test_the_input_record_is_not_modified(tmp_path):
 
 
 def test_profile_params_build_the_stage():
-    from echat.pipelines.backends import build_stage, check_params
+    from echat.pipelines.graph import stage_specs
     from echat.pipelines.profile import load_profile
 
-    profile = load_profile("local")
-    for stage, choice in profile.stage_choices():
-        if stage in ("decode", "vad", "asr", "gender", "emotion", "metrics"):
-            check_params(stage, choice.backend, choice.params, where=stage)
-            assert build_stage(stage, choice.backend, choice.params).name == stage
+    specs = stage_specs(load_profile("local"))
+    for spec in specs:
+        stage = spec.build()
+        assert stage.slot_name == spec.slot
+        if spec.slot in ("decode", "vad", "asr", "gender", "emotion", "metrics"):
+            assert stage.name == spec.slot  # each offline backend's default slot is the one it fills
 
 
 def test_bad_configuration_is_refused():

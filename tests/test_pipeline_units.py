@@ -2,36 +2,49 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
-import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
-from apache_beam.testing.util import assert_that, equal_to
 
 from echat.labelers.filters import QualityFilter
 from echat.pipelines.build import _dedupe, pipeline_options, redact_flags, source_reject_tallies
 from echat.pipelines.rows import EncodeRow, record_task
-from echat.pipelines.stage_transform import ApplyStage, StageSpec
 from echat.pipelines.summary import reconcile
-from echat.schemas.stage import Reject, Stage, run_stages
+from echat.schemas.stage import Reject
 
 # ---------------------------------------------------------------- reconciliation
 
 
-def test_reconcile_accepts_balanced_sources_and_flags_the_rest():
-    tallies = {
-        "written.wav": {"file": 1, "decoded": 1, "segments": 2, "written": 1, "rejected_segment": 1, "rejected_at_filter": 1},
-        "short-piece.wav": {"file": 1, "segments": 1, "rejected_at_vad": 1, "rejected_segment": 2, "written": 0, "rejected_at_filter": 1},
-        "rejected.wav": {"file": 1, "rejected_file": 1, "rejected_at_decode": 1},
-        "lost-a-segment.wav": {"file": 1, "segments": 3, "written": 1, "rejected_segment": 1},
-        "both.wav": {"file": 1, "rejected_file": 1, "segments": 1, "written": 1},
-        "never-segmented.wav": {"file": 1, "decoded": 1},
-    }
-    status = {row["source_uri"]: row["ok"] for row in reconcile(tallies)}
-    assert status == {"written.wav": True, "short-piece.wav": True, "rejected.wav": True,
-                      "lost-a-segment.wav": False, "both.wav": False, "never-segmented.wav": False}
+ORDER = ["decode", "vad", "filter", "encode"]
+
+
+def _chain(**counts):
+    """A source's tally: `slot=(in, produced, out, rejected, pieces_rejected)` per stage."""
+    tally = {"file": 1}
+    for slot, (n_in, produced, out, rejected, pieces) in counts.items():
+        tally.update({f"in:{slot}": n_in, f"parents:{slot}": produced, f"out:{slot}": out,
+                      f"rejected:{slot}": rejected, f"pieces_rejected:{slot}": pieces})
+    return tally
+
+
+def test_reconcile_follows_lineage_through_splits_and_names_the_broken_rule():
+    split_then_filtered = {**_chain(decode=(1, 1, 1, 0, 0), vad=(1, 1, 3, 0, 1), filter=(3, 2, 2, 1, 0), encode=(2, 2, 2, 0, 0)),
+                           "written": 2, "rejected_segment": 2}
+    decode_rejected = {**_chain(decode=(1, 0, 0, 1, 0)), "rejected_file": 1}
+    lost_between = {**_chain(decode=(1, 1, 1, 0, 0), vad=(1, 1, 3, 0, 0), filter=(2, 2, 2, 0, 0), encode=(2, 2, 2, 0, 0)), "written": 2}
+    dropped_inside = {**_chain(decode=(1, 1, 1, 0, 0), vad=(1, 1, 2, 0, 0), filter=(2, 1, 1, 0, 0), encode=(1, 1, 1, 0, 0)), "written": 1}
+    reject_not_written = {**_chain(decode=(1, 0, 0, 1, 0))}
+    source_rejected = {"file": 1, "rejected_file": 1}
+    tallies = {"ok.wav": split_then_filtered, "bad.wav": decode_rejected, "lost.wav": lost_between,
+               "dropped.wav": dropped_inside, "unwritten-reject.wav": reject_not_written, "row 3": source_rejected}
+    rows = {row["source_uri"]: row for row in reconcile(tallies, ORDER)}
+    assert {uri: row["ok"] for uri, row in rows.items()} == {
+        "ok.wav": True, "bad.wav": True, "row 3": True, "lost.wav": False, "dropped.wav": False, "unwritten-reject.wav": False}
+    assert rows["ok.wav"]["status"] == "written" and rows["ok.wav"]["segments"] == 4
+    assert rows["bad.wav"]["status"] == "rejected"
+    assert rows["lost.wav"]["problem"] == "filter took in 2 record(s) but vad put out 3"
+    assert rows["dropped.wav"]["problem"].startswith("filter: 2 in, but 1 produced output")
+    assert "reached the rejects output" in rows["unwritten-reject.wav"]["problem"]
 
 
 def test_a_duplicated_source_reconciles_apart_from_its_twin():
@@ -40,8 +53,8 @@ def test_a_duplicated_source_reconciles_apart_from_its_twin():
     assert [r["source_uri"] for r in kept] == ["a.wav", "b.wav"]
     assert [r["reason"] for r in rejects] == ["duplicate_source"]
     tallies = source_reject_tallies(rejects)
-    tallies["a.wav"] = {"file": 1, "segments": 1, "written": 1}
-    assert len(tallies) == 2 and all(row["ok"] for row in reconcile(tallies))
+    tallies["a.wav"] = {**_chain(decode=(1, 1, 1, 0, 0), vad=(1, 1, 1, 0, 0), filter=(1, 1, 1, 0, 0), encode=(1, 1, 1, 0, 0)), "written": 1}
+    assert len(tallies) == 2 and all(row["ok"] for row in reconcile(tallies, ORDER))
 
 
 # ---------------------------------------------------------------- filters
@@ -60,7 +73,7 @@ def test_a_duplicated_source_reconciles_apart_from_its_twin():
 )
 def test_each_filter_bound_rejects_with_its_reason(record, reason):
     stage = QualityFilter(min_snr_db=10.0, min_speech_ratio=0.3)
-    (out,) = stage.process({"source_uri": "a.wav", **record})
+    out = stage.process_one({"source_uri": "a.wav", **record})
     assert isinstance(out, Reject) and out.reason == reason and out.detail
 
 
@@ -70,39 +83,6 @@ def test_a_record_within_bounds_passes_the_filter():
 
 
 # ---------------------------------------------------------------- the stage wrapper
-
-
-class _Splitter(Stage):
-    """Yields a piece of every record, then raises on the ones marked bad: the worst case for
-    counting (a partial output before the error)."""
-
-    name = "splitter"
-
-    def __init__(self, calls=None):
-        self.calls = calls
-
-    def process(self, record) -> Iterator[dict]:
-        yield {**record, "piece": 1}
-        if record.get("bad"):
-            raise RuntimeError(f"cannot split {record['source_uri']}")
-
-
-def test_a_stage_that_raises_rejects_the_record_and_keeps_no_partial_output():
-    records = [{"source_uri": "good.wav"}, {"source_uri": "bad.wav", "bad": True}]
-    outputs, rejects = run_stages([_Splitter()], records)
-    assert [o["source_uri"] for o in outputs] == ["good.wav"]
-    assert [(r.source_uri, r.reason) for r in rejects] == [("bad.wav", "stage_error")]
-    assert "cannot split bad.wav" in rejects[0].detail
-
-
-@pytest.mark.parametrize("batched", [False, True])
-def test_beam_wrapper_routes_errors_to_rejects_once(batched):
-    records = [{"source_uri": f"f{i}.wav", "bad": i == 2} for i in range(5)]
-    with BeamTestPipeline() as p:
-        good, rejects = p | beam.Create(records) | ApplyStage(StageSpec("splitter", None, {}, factory=_Splitter), batched=batched)
-        assert_that(good | "uris" >> beam.Map(lambda r: r["source_uri"]), equal_to(["f0.wav", "f1.wav", "f3.wav", "f4.wav"]), label="good")
-        assert_that(rejects | "why" >> beam.Map(lambda r: (r["source_uri"], r["stage"], r["reason"])),
-                    equal_to([("f2.wav", "splitter", "stage_error")]), label="rejects")
 
 
 # ---------------------------------------------------------------- rows

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from echat.labelers.text_match import has_cjk
+from echat.schemas.text import has_cjk
 from echat.pipelines import backends
 from echat.schemas import vocab
-from echat.schemas.stage import Reject, run_stages
+from echat.schemas.stage import Reject
+from echat.schemas.stage_runner import run_stages
+from echat.schemas.reasoning import parse_tag_form
 from echat.synth import reasoning
 from echat.synth.template_reply import MODEL_NAME, TemplateError, TemplateReply, load_templates
 
@@ -46,7 +48,7 @@ def test_writes_every_field_of_the_contract(stage, templates):
     assert "task" not in out  # the row encoder sets it from what the row holds (pipelines/rows.py)
     assert out["reply_emotion"] in vocab.REPLY_EMOTIONS
     assert out["reply_text"] and out["transcript"] == "I passed my driving test today!"
-    parsed = reasoning.parse_tag_form(out["think_tags"])
+    parsed = parse_tag_form(out["think_tags"])
     assert (parsed.age, parsed.gender, parsed.emotion, parsed.reply_emotion) == ("adult", "female", "happy", out["reply_emotion"])
     assert out["think_text"].startswith("<think>") and out["think_text"].endswith("<think end>")
     assert set(TemplateReply.writes) <= set(out)
@@ -199,9 +201,9 @@ def test_unsupported_language_is_rejected(stage):
 
 
 def test_builds_from_the_backend_table_and_runs_without_beam():
-    backends.check_params("reply", "template", {"min_label_score": 0.5}, where="reply")
+    backends.check_params(backends.stage_class("reply", "template"), {"min_label_score": 0.5}, where="reply")
     with pytest.raises(backends.BackendError, match="temperature"):
-        backends.check_params("reply", "template", {"temperature": 0.5}, where="reply")
+        backends.check_params(backends.stage_class("reply", "template"), {"temperature": 0.5}, where="reply")
     stage = backends.build_stage("reply", "template", {})
     records = [{"id": "1", "transcript": "Hello!", "language": "en"}, {"id": "2", "transcript": None}]
     out, rejects = run_stages([stage], records)
