@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from echat.schemas.record import SAMPLE_RATE
-from echat.schemas.stage import Reject, Stage
+from echat.schemas.stage import MODEL, Reject, Stage
 
 from .flags import add_flag
 from .vad import SPLIT_FLAG
@@ -71,6 +71,7 @@ class PocketsphinxASR(Stage):
 
     name: ClassVar[str] = "asr"
     reads: ClassVar[tuple[str, ...]] = ("_waveform", "sampling_rate", "transcript", "language")
+    # transcript_origin is stamped by the runner from describe(); language_origin is per record.
     writes: ClassVar[tuple[str, ...]] = (
         "transcript",
         "transcript_origin",
@@ -80,6 +81,7 @@ class PocketsphinxASR(Stage):
         "language_origin",
         "quality_flags",
     )
+    origin: ClassVar[str] = MODEL
     languages: ClassVar[tuple[str, ...]] = ("en",)
 
     def __init__(
@@ -135,6 +137,12 @@ class PocketsphinxASR(Stage):
 
     def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
         if record.get("transcript") is not None:
+            # Not a precedence rule (the runner applies that), but work avoided. The runner skips a
+            # record only when every group this stage writes is held, and a manifest that gives
+            # transcripts without a language leaves `language` open: decoding such a record at
+            # 4x real time would only have the runner restore the manifest's transcript, while
+            # guessing "en" for it (a Chinese line, say). No source the profile can rank below
+            # pocketsphinx writes transcripts, so there is nothing here for it to replace.
             yield record
             return
         out = dict(record)
@@ -154,7 +162,6 @@ class PocketsphinxASR(Stage):
             yield out
             return
         out["transcript"] = " ".join(w["word"] for w in words)
-        out["transcript_origin"] = self.describe()
         out["transcript_confidence"] = float(np.mean([w["score"] for w in words]))
         out["words"] = words
         yield out

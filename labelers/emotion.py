@@ -20,7 +20,8 @@ Decision:
   - no keywords and clearly low arousal (< -0.5): "sad" at 0.3-0.4;
   - otherwise: "neutral" at 0.3, less the more aroused the speech sounds (down to 0.2).
 The score never exceeds `max_score` (0.6): this is a heuristic, and the `emotion_model` name
-"heuristic-v1" lets a reader tell it from a model's label. A manifest's emotion is left as it is.
+"heuristic-v1" lets a reader tell it from a model's label. An emotion already there (the
+manifest's, a model's) is kept: the stage runner's precedence skips the record.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 from echat.schemas.record import SAMPLE_RATE
-from echat.schemas.stage import Reject, Stage
+from echat.schemas.stage import HEURISTIC, Reject, Stage
+from echat.schemas.text import CJK_CHAR, has_cjk
 from echat.schemas.vocab import EMOTIONS
 
 from .metrics import loudness_dbfs, speaking_rate
 from .pitch import f0_of, warm_up
-from .text_match import CJK_CHAR, find_phrases, has_cjk, mask
+from .text_match import find_phrases, mask
 
 MODEL_NAME = "heuristic-v1"
 LEXICON_FILE = "emotion_lexicon.yaml"
@@ -160,8 +162,11 @@ def decide(hits: Counter, arousal_value: float | None, max_score: float) -> tupl
 
 class HeuristicEmotion(Stage):
     name: ClassVar[str] = "emotion"
-    reads: ClassVar[tuple[str, ...]] = ("_waveform", "_f0", "_speech_spans", "transcript", "language", "emotion")
+    reads: ClassVar[tuple[str, ...]] = ("_waveform", "_f0", "_speech_spans", "transcript", "language")
+    # emotion_model is stamped by the runner from describe(); an emotion already held by a better
+    # source (the manifest, a model) is the runner's to keep: it skips the record.
     writes: ClassVar[tuple[str, ...]] = ("emotion", "emotion_score", "emotion_model", "_f0")
+    origin: ClassVar[str] = HEURISTIC
 
     def __init__(self, lexicon_path: str | None = None, max_score: float = 0.6):
         if not 0.0 < max_score <= 0.6:
@@ -178,9 +183,6 @@ class HeuristicEmotion(Stage):
         return MODEL_NAME
 
     def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
-        if record.get("emotion") is not None:  # the manifest's label wins
-            yield record
-            return
         if self._lexicon is None:
             self.setup()
         out = dict(record)
@@ -191,5 +193,5 @@ class HeuristicEmotion(Stage):
         speech_s = sum(b - a for a, b in spans) if spans else len(waveform) / SAMPLE_RATE
         value = arousal(f0_of(out), speaking_rate(transcript, speech_s), loudness_dbfs(waveform), chinese)
         emotion, score = decide(keyword_hits(transcript, self._lexicon), value, self.max_score)
-        out.update(emotion=emotion, emotion_score=score, emotion_model=MODEL_NAME)
+        out.update(emotion=emotion, emotion_score=score)
         yield out

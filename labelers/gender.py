@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
-from echat.schemas.stage import Reject, Stage
+from echat.schemas.stage import HEURISTIC, Reject, Stage
 
 from .flags import add_flag
 from .pitch import HOP_LENGTH, SAMPLE_RATE, f0_of, warm_up
@@ -39,8 +39,11 @@ UNKNOWN_FLAG = "gender_unknown"
 
 class PitchGender(Stage):
     name: ClassVar[str] = "gender"
-    reads: ClassVar[tuple[str, ...]] = ("_waveform", "_f0", "gender")
+    reads: ClassVar[tuple[str, ...]] = ("_waveform", "_f0")
+    # gender_model is stamped by the runner from describe(); a gender already held by a better
+    # source (the manifest, a model) is the runner's to keep: it skips the record.
     writes: ClassVar[tuple[str, ...]] = ("gender", "gender_score", "gender_model", "_f0", "quality_flags")
+    origin: ClassVar[str] = HEURISTIC
 
     def __init__(self, threshold_hz: float = 150.0, min_voiced_s: float = 0.3, max_score: float = 0.95):
         if threshold_hz <= 0:
@@ -58,9 +61,6 @@ class PitchGender(Stage):
         return MODEL_NAME
 
     def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
-        if record.get("gender") is not None:  # the manifest's label wins
-            yield record
-            return
         out = dict(record)
         f0 = f0_of(out)
         voiced_s = len(f0) * HOP_LENGTH / SAMPLE_RATE
@@ -69,7 +69,7 @@ class PitchGender(Stage):
             yield out
             return
         gender, score = self.classify(float(np.median(f0)))
-        out.update(gender=gender, gender_score=score, gender_model=MODEL_NAME)
+        out.update(gender=gender, gender_score=score)
         yield out
 
     def classify(self, median_f0_hz: float) -> tuple[str, float]:

@@ -1,4 +1,5 @@
-"""ASR stages: the real pocketsphinx decoder on espeak speech, and the manifest pass-through."""
+"""ASR stages: the real pocketsphinx decoder on espeak speech, and the manifest pass-through, run
+under StageRunner as a build runs them (precedence, provenance stamping, declared writes)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from echat.labelers.asr import ASR_EMPTY_FLAG, ManifestTranscript, PocketsphinxA
 from echat.schemas.stage import Reject
 
 SR = speech.SR
+run = speech.run_stage
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def normalise(text: str) -> str:
 
 def test_pocketsphinx_transcribes_espeak_with_word_timings(asr):
     waveform = np.concatenate([speech.silence(0.3), speech.say(speech.SENTENCES[0], "en+f3"), speech.silence(0.3)])
-    (out,) = list(asr.process(segment(waveform)))
+    (out,) = run(asr, segment(waveform))
     duration = len(waveform) / SR
     print(f"\nreference : {normalise(speech.SENTENCES[0])}\nhypothesis: {out['transcript']}")
     assert out["transcript"] and out["transcript"] == out["transcript"].lower()
@@ -49,30 +51,67 @@ def test_pocketsphinx_transcribes_espeak_with_word_timings(asr):
     assert words[0]["start"] >= 0.2 and words[-1]["end"] <= duration - 0.15
 
 
-def test_word_error_rate_on_espeak_is_measured(asr):
+def test_word_error_rate_on_espeak_is_measured():
+    # A decoder of its own: pocketsphinx's running cepstral mean and its dither generator carry over
+    # from one utterance to the next, so what the shared fixture heard before would move the figure.
+    asr = PocketsphinxASR()
+    asr.setup()
     refs, hyps = [], []
     for voice in ("en+f3", "en+m3"):
         for sentence in speech.SENTENCES:
-            (out,) = list(asr.process(segment(speech.say(sentence, voice))))
+            (out,) = run(asr, segment(speech.say(sentence, voice)))
             refs.append(normalise(sentence))
             hyps.append(out["transcript"] or "")
     wer = jiwer.wer(refs, hyps)
     print(f"\npocketsphinx-5 en-us WER on {len(refs)} espeak sentences (en+f3, en+m3): {wer:.1%}")
-    # Not a quality bar: the general language model is poor on synthetic speech. It must at least
-    # hear some words right, which a broken decoder (wrong rate, wrong scaling) would not.
-    assert wer < 1.0
+    # The general language model is poor on synthetic speech. Measured here (pocketsphinx 5.1.1,
+    # espeak-ng 1.51, dither seed 1, so reproducible): 74.4% = 29 errors in 39 reference words.
+    # The bound is just above it (30 errors would be 76.9%): a change to the front end (rate,
+    # scaling, dither) or the decoder options that costs a single word fails here.
+    assert wer < 0.76
     assert sum(h != "" for h in hyps) == len(hyps)
+
+
+def test_a_jsgf_grammar_gives_the_exact_words(tmp_path):
+    # With a grammar of the four sentences the decoder must pick the spoken one, word for word.
+    grammar = tmp_path / "sentences.gram"
+    alternatives = " | ".join(normalise(s) for s in speech.SENTENCES)
+    grammar.write_text(f"#JSGF V1.0;\ngrammar sentences;\npublic <sentence> = {alternatives} ;\n")
+    stage = PocketsphinxASR(decoder_options={"jsgf": str(grammar)})
+    stage.setup()
+    # Measured: these six of the eight (sentence, voice) pairs decode exactly; en+f3 drops the last
+    # word of sentence 3 and en+m3 gives nothing for sentence 1 (the grammar admits no partial path).
+    for voice, index in (("en+f3", 0), ("en+f3", 1), ("en+f3", 2), ("en+m3", 0), ("en+m3", 2), ("en+m3", 3)):
+        sentence = speech.SENTENCES[index]
+        (out,) = run(stage, segment(speech.say(sentence, voice)))
+        assert out["transcript"] == normalise(sentence), (voice, sentence)
+        assert [w["word"] for w in out["words"]] == normalise(sentence).split()
+        starts = [w["start"] for w in out["words"]]
+        assert starts == sorted(starts)
 
 
 def test_existing_transcript_passes_untouched(asr):
     record = segment(speech.silence(1.0), transcript="from the manifest", transcript_origin="manifest", language="zh")
-    (out,) = list(asr.process(record))
-    assert out is record
+    (out,) = run(asr, record)
+    assert out is record  # every group it writes is held: the runner skipped it
+    # The language is open, so the runner calls the stage, which leaves the record as it is
+    # rather than decode it (and guess English) for a transcript the runner would restore.
+    record = segment(speech.say(speech.SENTENCES[0]), transcript="from the manifest", transcript_origin="manifest")
+    (out,) = run(asr, record)
+    assert out["transcript"] == "from the manifest" and out["transcript_origin"] == "manifest"
+    assert out.get("language") is None and out.get("words") is None
+
+
+def test_the_runner_stamps_the_transcript_origin_and_a_given_language_is_kept(asr):
+    waveform = speech.say(speech.SENTENCES[1])
+    (out,) = run(asr, segment(waveform, language="en", language_origin="lid-model"))
+    assert out["transcript"] and out["transcript_origin"] == asr.describe()
+    assert (out["language"], out["language_origin"]) == ("en", "lid-model")
 
 
 def test_other_language_is_flagged_not_transcribed(asr):
     record = segment(speech.say(speech.PINYIN, "cmn-latn-pinyin+f3"), language="zh", quality_flags=["x"])
-    (out,) = list(asr.process(record))
+    (out,) = run(asr, record)
     assert out.get("transcript") is None and out.get("words") is None
     assert out["quality_flags"] == ["x", "no_asr_for_language:zh"]
     assert record["quality_flags"] == ["x"]
@@ -80,7 +119,7 @@ def test_other_language_is_flagged_not_transcribed(asr):
 
 def test_no_words_in_silence_or_noise(asr):
     for waveform in (speech.silence(1.5), speech.white_noise(int(1.5 * SR), 0.001)):
-        (out,) = list(asr.process(segment(waveform)))
+        (out,) = run(asr, segment(waveform))
         assert out.get("transcript") is None
         assert ASR_EMPTY_FLAG in out["quality_flags"]
         assert out["language"] == "en"
@@ -89,12 +128,10 @@ def test_no_words_in_silence_or_noise(asr):
 def test_manifest_transcript_stage():
     stage = ManifestTranscript()
     with_text = {"source_uri": "a.wav", "transcript": "hello there"}
-    assert list(stage.process(with_text)) == [with_text]
-    (rejected,) = list(stage.process({"source_uri": "b.wav", "id": "s2", "segment_start": 0.0, "transcript": None}))
+    assert run(stage, with_text) == [with_text]
+    (rejected,) = run(stage, {"source_uri": "b.wav", "id": "s2", "segment_start": 0.0, "transcript": None})
     assert isinstance(rejected, Reject) and rejected.reason == "no_transcript" and rejected.stage == "asr"
-    (split,) = list(
-        stage.process({"source_uri": "c.wav", "transcript": None, "quality_flags": ["manifest_transcript_dropped_split"]})
-    )
+    (split,) = run(stage, {"source_uri": "c.wav", "transcript": None, "quality_flags": ["manifest_transcript_dropped_split"]})
     assert split.reason == "no_transcript" and "split" in split.detail
 
 

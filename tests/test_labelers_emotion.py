@@ -1,4 +1,5 @@
-"""HeuristicEmotion: keywords (English and Chinese), negation, prosody, and its score cap."""
+"""HeuristicEmotion: keywords (English and Chinese), negation, prosody, and its score cap; run under
+StageRunner as a build runs it (precedence, provenance stamping, declared writes)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def voice() -> np.ndarray:
 
 def label(stage, waveform, transcript, language="en", **extra):
     record = {"_waveform": waveform, "sampling_rate": SR, "transcript": transcript, "language": language, **extra}
-    (out,) = list(stage.process(record))
+    (out,) = speech.run_stage(stage, record)
     return out
 
 
@@ -123,8 +124,21 @@ def test_decision_rules_and_cap():
 def test_manifest_emotion_wins(emotion, voice):
     record = {"_waveform": voice, "sampling_rate": SR, "transcript": "I am so happy", "emotion": "sad",
               "emotion_score": 1.0, "emotion_model": "manifest"}
-    (out,) = list(emotion.process(record))
-    assert out is record
+    (out,) = speech.run_stage(emotion, record)
+    assert out is record  # the runner's precedence: the heuristic is not even run
+
+
+def test_the_runner_records_the_heuristic_origin_and_keeps_a_model_emotion(voice):
+    from echat.schemas.stage_runner import ORIGINS_KEY
+
+    stage = HeuristicEmotion()
+    stage.setup()
+    (first,) = speech.run_stage(stage, {"_waveform": voice, "sampling_rate": SR, "transcript": "I am so happy"})
+    assert first[ORIGINS_KEY] == {"emotion": "heuristic"} and first["emotion_model"] == MODEL_NAME
+    held = {**first, "emotion": "sad", "emotion_score": 0.9, "emotion_model": "ser-model",
+            ORIGINS_KEY: {"emotion": "model"}}
+    (out,) = speech.run_stage(stage, held)
+    assert out is held
 
 
 def test_lexicon_only_names_known_emotions(tmp_path):

@@ -88,6 +88,22 @@ def write_sparse_wav(path: Path, seconds: float, rate: int = SR) -> Path:
     return path
 
 
+def run_stage(stage, *records) -> list:
+    """The outputs of `records` through `stage` under StageRunner, in order (records and Rejects).
+
+    The runner does to the stage what a build does: precedence (a label held by a better source is
+    kept, the record skipped when all its groups are), provenance stamping from `describe()`, and a
+    write the stage did not declare rejects the record as `stage_error`.
+    """
+    from echat.schemas.stage import Reject
+    from echat.schemas.stage_runner import StageRunner
+
+    outputs = []
+    for result in StageRunner(stage).run(list(records)):
+        outputs.extend([result] if isinstance(result, Reject) else result)
+    return outputs
+
+
 # -- the helpers themselves ---------------------------------------------------------------------
 
 
