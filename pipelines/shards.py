@@ -18,6 +18,7 @@ from echat.schemas import record as rec
 from .rows import row_bytes
 
 ROW_GROUP_ROWS = 64  # keeps a streaming reader's memory small: audio makes rows heavy
+WRITE_SLOT = "write"  # the name of the shard writer's counters in the run summary
 
 
 def plan_shards(sizes: list[tuple[str, int]], rows_per_shard: int, max_shard_bytes: int) -> dict[str, Any]:
@@ -39,7 +40,26 @@ def shard_path(data_dir: str, index: int, num_shards: int) -> str:
 
 
 def write_shard(item: tuple[int, list[dict[str, Any]]], data_dir: str, num_shards: int) -> dict[str, Any]:
-    """Write one shard atomically (temp name, then rename); returns what was written."""
+    """Write one shard atomically (temp name, then rename); returns what was written.
+
+    Counts its rows, time and audio like a stage (`write.*` counters), so the summary shows it.
+    """
+    import time
+
+    from apache_beam.metrics import Metrics
+
+    from .stage_transform import METRICS_NAMESPACE, counter_name
+
+    started = time.perf_counter()
+    written = _write_shard(item, data_dir, num_shards)
+    rows = item[1]
+    for what, value in (("in", len(rows)), ("out", 1), ("micros", int((time.perf_counter() - started) * 1e6)),
+                        ("audio_ms_in", int(sum(float(r.get("duration") or 0) for r in rows) * 1000))):
+        Metrics.counter(METRICS_NAMESPACE, counter_name(WRITE_SLOT, what)).inc(value)
+    return written
+
+
+def _write_shard(item: tuple[int, list[dict[str, Any]]], data_dir: str, num_shards: int) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems

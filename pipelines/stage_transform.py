@@ -86,8 +86,11 @@ class _LoadedStage:
     """A set-up stage as Beam's Shared holds it (weak-referenceable), torn down when released."""
 
     def __init__(self, spec: StageSpec):
+        started = time.perf_counter()
         self.stage = spec.build()
         self.stage.setup()
+        self.setup_seconds = time.perf_counter() - started
+        self.setup_counted = False  # the first DoFn to see it adds its setup time to the counter
         self.lock = threading.Lock()  # the threads sharing this stage share its lock too
         self.usage_seen: Counter = Counter()  # what of the stage's usage totals is already counted
         weakref.finalize(self, self.stage.teardown)
@@ -106,6 +109,7 @@ class _StageDoFn(beam.DoFn):
         self.c_retry = Metrics.counter(METRICS_NAMESPACE, counter_name(slot, "retried"))
         self.c_us = Metrics.counter(METRICS_NAMESPACE, counter_name(slot, "micros"))
         self.c_audio_ms = Metrics.counter(METRICS_NAMESPACE, counter_name(slot, "audio_ms_in"))
+        self.c_setup_us = Metrics.counter(METRICS_NAMESPACE, counter_name(slot, "setup_micros"))
 
     def setup(self):
         spec = self.spec
@@ -114,6 +118,11 @@ class _StageDoFn(beam.DoFn):
         self.runner = StageRunner(self._loaded.stage, precedence=spec.precedence, retry=spec.retry, lock=self._loaded.lock)
 
     def process(self, batch):
+        if not self._loaded.setup_counted:  # counters count inside bundles only, so here, not in setup()
+            with self._loaded.lock:
+                if not self._loaded.setup_counted:
+                    self._loaded.setup_counted = True
+                    self.c_setup_us.inc(int(self._loaded.setup_seconds * 1e6))
         records = list(batch)
         self.c_in.inc(len(records))
         before = (self.runner.stats.skipped, self.runner.stats.attempts_retried)

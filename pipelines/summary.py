@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from .shards import WRITE_SLOT
 from .stage_transform import METRICS_NAMESPACE
 
 PER_SOURCE_LIMIT = 10_000  # beyond this many sources the per-source table goes only to its own file
@@ -96,6 +97,8 @@ def stage_stats(counters: dict[str, int], stage_order: list[str]) -> dict[str, d
             "skipped": counters.get(f"{stage}.skipped", 0),
             "retried": counters.get(f"{stage}.retried", 0),
             "busy_seconds": round(seconds, 3),
+            # loading models and other per-worker set-up, once per worker process
+            "setup_seconds": round(counters.get(f"{stage}.setup_micros", 0) / 1e6, 3),
             "audio_seconds_in": round(audio, 3),
             # below a millisecond of busy time the ratio says nothing
             "x_real_time": round(audio / seconds, 1) if seconds >= 1e-3 else None,
@@ -153,7 +156,8 @@ def make_summary(
         },
         "x_real_time": round(audio_in / wall_seconds, 2) if wall_seconds else None,
         "audio_hours_per_hour": round(audio_in / wall_seconds, 2) if wall_seconds else None,
-        "stages": stage_stats(counters, stage_order),
+        # the stages in build order, then the shard writer (its "in" is rows, its "out" shards)
+        "stages": stage_stats(counters, [*stage_order, WRITE_SLOT]),
         "reconciliation": {
             "ok": not mismatches,
             "sources_checked": len(per_source),

@@ -258,3 +258,45 @@ def test_a_stage_with_resource_hints_runs_after_a_reshuffle_and_segments_fan_out
     assert hints("Stage[tts]/Run")["beam:resources:min_ram_bytes:v1"] == b"2000000000"
     assert b"nvidia-l4" in hints("Stage[tts]/Run")["beam:resources:accelerator:v1"]
     assert not hints("Stage[decode]/Run")
+
+
+class PidLogger(Stage):
+    """Notes which worker process handled each record."""
+
+    name = "pidlog"
+
+    def __init__(self, log: str):
+        self.log = log
+
+    def process(self, record):
+        import os
+
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        yield record
+
+
+def test_the_segments_of_one_long_recording_spread_over_two_worker_processes(demo_corpus, local_profile, tmp_path, monkeypatch):
+    """One file, many segments: after VAD they fan out, so both workers of a 2-process run work."""
+    import soundfile as sf
+
+    from echat.pipelines.build import build
+
+    parts = []
+    for wav in sorted((demo_corpus / "audio").glob("*.wav"))[:8]:
+        audio, rate = sf.read(str(wav), dtype="float32", always_2d=True)
+        parts += [audio.mean(axis=1), np.zeros(rate, dtype="float32")]
+    long_file = tmp_path / "long.wav"
+    sf.write(str(long_file), np.concatenate(parts), rate)
+    log = tmp_path / "pids.txt"
+    profile = local_profile("asr.backend=none", "filter.params.require_transcript=false", "reply.backend=none", "tts.backend=none")
+    stages = list(profile.stages)
+    stages.insert(2, type(stages[0])(slot="pidlog", backend="test_stage_contract:PidLogger", params={"log": str(log)}))
+    # The worker processes import this module to rebuild the stage.
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    summary = build(profile.model_copy(update={"stages": stages}), str(long_file), str(tmp_path / "out"), overwrite=True,
+                    beam_args=["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    assert summary["reconciliation"]["ok"] and summary["stages"]["vad"]["out"] >= 8
+    pids = log.read_text().split()
+    assert len(pids) == summary["stages"]["vad"]["out"]
+    assert len(set(pids)) == 2, f"all segments on one worker: {pids}"
