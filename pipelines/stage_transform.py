@@ -21,7 +21,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from echat.schemas.stage import Reject
-from echat.schemas.stage_runner import DEFAULT_PRECEDENCE, RetryPolicy, StageRunner
+from echat.schemas.stage_runner import DEFAULT_PRECEDENCE, RetryPolicy, StageRunner, records_per_call
 
 from . import progress
 
@@ -75,7 +75,7 @@ class StageSpec:
         cls = self.stage_class()
         size = self.batch_size or cls.batch_size
         in_flight = self.max_in_flight or cls.max_in_flight
-        return max(1, size, in_flight)
+        return records_per_call(size, in_flight)
 
 
 def counter_name(slot: str, what: str) -> str:
@@ -178,6 +178,11 @@ class _StageDoFn(beam.DoFn):
     def finish_bundle(self):
         if self.progress_dir:
             progress.flush(self.progress_dir)
+
+    def teardown(self):
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.close()
 
 
 class ApplyStage(beam.PTransform):

@@ -32,6 +32,16 @@ from .record import FIELDS_BY_NAME, LABEL_GROUPS, PROVENANCE, STRINGS
 from .stage import MANIFEST, ORIGINS, Reject, Result, Stage, TransientError
 
 DEFAULT_PRECEDENCE = ORIGINS  # manifest, then model, then heuristic
+# An I/O-bound stage gets batches of this many times its requests in flight: within a batch the
+# pool starts the next record as soon as one finishes, so only a batch's last records wait idle.
+IN_FLIGHT_BATCHES = 4
+
+
+def records_per_call(batch_size: int, max_in_flight: int) -> int:
+    """How many records a runner call takes for a stage of this batch size and concurrency."""
+    if max_in_flight > 1:
+        return max(batch_size, IN_FLIGHT_BATCHES * max_in_flight)
+    return max(1, batch_size)
 ORIGINS_KEY = "_origins"  # working key: label group -> origin of its current value
 PROVENANCE_FIELDS = frozenset(PROVENANCE.values())
 WORKING_KEYS = "_*"  # in a stage's `writes`: every working key (leading `_`) may change
@@ -108,6 +118,7 @@ class StageRunner:
         self._any_working_key = WORKING_KEYS in stage.writes
         # Serialises calls into a stage that is not thread-safe; threads sharing one stage share it.
         self._lock = lock or threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None  # for stages with requests in flight, made once
 
     # ------------------------------------------------------------------ precedence
 
@@ -121,6 +132,12 @@ class StageRunner:
 
     def _skips(self, record: dict[str, Any]) -> bool:
         return bool(self._groups) and not any(self._wins(record, g) for g in self._groups)
+
+    def close(self) -> None:
+        """Stop the request threads, if any (the stage itself is torn down by its owner)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     # ------------------------------------------------------------------ running
 
@@ -164,8 +181,9 @@ class StageRunner:
         stage = self.stage
         try:
             if stage.max_in_flight > 1 and len(batch) > 1:
-                with ThreadPoolExecutor(max_workers=min(stage.max_in_flight, len(batch))) as pool:
-                    outcomes = list(pool.map(stage.process_one, batch))
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=stage.max_in_flight, thread_name_prefix=f"echat-{self.slot}")
+                outcomes = list(self._pool.map(stage.process_one, batch))
             elif stage.thread_safe:
                 outcomes = stage.process_batch(batch)
             else:
@@ -314,11 +332,12 @@ def run_stages(
         for stage in stages:
             runner = StageRunner(stage, precedence=precedence, retry=retry)
             produced: list[dict] = []
-            size = max(1, stage.batch_size, stage.max_in_flight)
+            size = records_per_call(stage.batch_size, stage.max_in_flight)
             for start in range(0, len(current), size):
                 for result in runner.run(current[start:start + size]):
                     for out in ([result] if isinstance(result, Reject) else result):
                         (rejects if isinstance(out, Reject) else produced).append(out)
+            runner.close()
             current = produced
     finally:
         for stage in stages:
