@@ -1,0 +1,683 @@
+"""LLM replies with dual thinking through any OpenAI-compatible endpoint.
+
+One chat-completions request per record (OpenAI, DeepSeek, vLLM, llama.cpp server, Ollama: any
+server that speaks `/v1/chat/completions`), through the `openai` client. The model is given the
+transcript and every paralinguistic label with its score and origin (synth/llm_prompts.py renders
+the versioned prompt files of synth/prompts/) and returns one JSON object: the natural-language
+reasoning, the reply emotion (schemas/vocab.py REPLY_EMOTIONS) and the reply, in the user's
+language, and with `turns: N` > 1 the N - 1 earlier exchanges of the dialogue that led up to the
+recorded turn (the recorded speech stays the latest user turn, as the `<HISTORY>` task trains it:
+earlier turns, then the speech, then the reply). The tag-form trace is then built from the labels
+and the chosen reply emotion by the one definition (schemas/reasoning.py, through
+synth/reasoning.tag_form, as the template engine does).
+
+Structured output (`structured_output`): `json_schema` sends the answer's JSON schema (strict),
+`json_object` asks for JSON mode, `none` sends neither; every answer is parsed and validated
+whatever the mode (an endpoint may ignore the schema). An endpoint that refuses a response_format
+with HTTP 400 is asked again with the next weaker mode, once per stage, with a warning.
+
+An answer that is malformed, empty, refused, off-vocabulary, in the wrong language, over-long, or
+that calls itself an AI / language model / assistant (OSUM's loader drops such replies) is asked
+again with the error fed back, at most `answer_attempts` answers in all, then rejected with the
+reason code of the last failure (`llm_malformed`, `llm_empty`, `llm_refused`,
+`llm_off_vocabulary`, `llm_wrong_language`, `llm_too_long`, `llm_self_reference`,
+`llm_bad_history`). An error status that no retry mends is rejected at once: `llm_auth_error`
+(401/403), `llm_quota` (429 insufficient_quota), `llm_request_error` (any other 4xx).
+HTTP 429 / 5xx / 408 / 409, timeouts and connection errors raise
+`TransientError` (with the peer's Retry-After) so the stage runner retries them with backoff; the
+client is built with `max_retries=0` so that nobody else retries. After `breaker_failures`
+consecutive transient failures the circuit opens: for `breaker_cooldown_s` no request is sent and
+each record that would have been is rejected as `circuit_open`; after the cool-down the next
+requests go through, and one more failure opens it again at once.
+
+Cache (synth/cache.py, namespace `llm-reply`, under the profile's `cache_dir`, which may be a
+gs:// path): the key is the model name, the prompt version, the full request (messages) and the
+sampling parameters, never the key or the base URL. Only valid answers are stored: a rerun, or a
+run resumed after a crash, sends no request it already has a valid answer for, while a record that
+was rejected is asked again (an answer's failure is a draw of a sampled model; storing it would
+make it permanent for that configuration, and a rerun to fill the gaps would pay for nothing new).
+A cached answer is validated again when read, so tightened limits apply to it too. Within a
+process, records with the same key wait for one request instead of each sending their own.
+
+Secrets: the API key is read from the environment variable `api_key_env` in `setup()`, is held
+only by the openai client, and never appears in params, repr, logs, rejects or the summary
+(error texts are redacted). Usage (requests, cache hits, tokens, estimated cost in micro-dollars
+from `price_input_per_m` / `price_output_per_m`, USD per million tokens) is reported through
+`usage()` and shows in the run summary under `stages.reply.usage`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from echat.schemas import vocab
+from echat.schemas.reasoning import THINK_END, THINK_START, wrap_think
+from echat.schemas.stage import Reject, Stage, TransientError
+from echat.schemas.text import CJK_OR_WORD, count_cjk
+
+from . import llm_prompts, reasoning
+from .cache import ContentCache, cache_key
+
+log = logging.getLogger(__name__)
+
+CACHE_NAMESPACE = "llm-reply"
+STRUCTURED_MODES = ("json_schema", "json_object", "none")
+TRANSIENT_STATUS = frozenset({408, 409, 425, 429})
+LANGUAGES = ("en", "zh")
+NO_KEY = "EMPTY"  # sent to a local server (vLLM, llama.cpp) when the key variable is unset
+
+# Replies that speak of themselves as a machine. OSUM-EChat's loader (wenet/dataset/process/
+# processor.py, `self_list`) drops replies naming an assistant, a chatbot, ChatGPT or a language
+# model; these patterns catch the self-descriptions without flagging a user's topic ("I work in AI").
+_MACHINE_EN = r"(?:an? )?(?:ai|a\.i\.|artificial intelligence|(?:large )?language model|chat ?bot|bot|virtual assistant|ai assistant|digital assistant|computer program)"
+SELF_REFERENCE = (
+    re.compile(r"\bas an? " + _MACHINE_EN[len("(?:an? )?"):] + r"\b", re.I),
+    re.compile(r"\bi(?:'m|’m| am) (?:just |only |merely |not a human,? but )?" + _MACHINE_EN + r"\b", re.I),
+    re.compile(r"\b(?:large )?language model\b|\bchat ?gpt\b|\bchat ?bot\b|\bvirtual assistant\b|\bai assistant\b|\bopenai\b", re.I),
+    re.compile(r"(?:我是|我只是|作为)(?:一个|一名|一款)?(?:AI|ai|人工智能|语言模型|聊天机器人|机器人|程序|助手|虚拟助手|智能助手)"),
+    re.compile(r"语言模型|AI助手|AI 助手|智能助手|聊天机器人|虚拟助手|ChatGPT", re.I),
+)
+
+
+class AnswerError(ValueError):
+    """An answer that cannot be used; `reason` is the reject code if it is the last one."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class CircuitBreaker:
+    """Opens after `failures` consecutive transient failures, for `cooldown_s` seconds.
+
+    Thread-safe. While open, `allow()` is False. After the cool-down requests go through again;
+    the count is not reset until a success, so the next failure opens it again at once.
+    """
+
+    def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic):
+        self.failures, self.cooldown_s, self.clock = failures, cooldown_s, clock
+        self._count = 0
+        self._open_until = 0.0
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            return self.clock() >= self._open_until
+
+    def success(self) -> None:
+        with self._lock:
+            self._count = 0
+
+    def failure(self) -> bool:
+        """Count one failure; True when this one opened the circuit."""
+        with self._lock:
+            self._count += 1
+            if self._count >= self.failures and self.clock() >= self._open_until:
+                self._open_until = self.clock() + self.cooldown_s
+                return True
+            return False
+
+
+def safe_url(url: str | None) -> str | None:
+    """`url` without user:password and without a query string (either may hold a credential)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def length_units(text: str) -> int:
+    """Words (English) or characters (Chinese): schemas.text.CJK_OR_WORD tokens, marks not counted."""
+    return sum(1 for token in CJK_OR_WORD.findall(text) if any(c.isalnum() for c in token))
+
+
+_LATIN_WORD = re.compile(r"[A-Za-z]{2,}")
+
+
+def language_problem(text: str, language: str) -> str | None:
+    """Why `text` is not in `language` ("en" or "zh"), or None."""
+    cjk, latin = count_cjk(text), len(_LATIN_WORD.findall(text))
+    if language == "zh":
+        if cjk == 0 or latin * 2 > cjk:
+            return f"Chinese was asked for, but it holds {cjk} Chinese characters and {latin} Latin words"
+    elif cjk:
+        return f"English was asked for, but it holds {cjk} Chinese characters"
+    elif latin == 0:
+        return "English was asked for, but it holds no English words"
+    return None
+
+
+def self_reference(text: str) -> str | None:
+    for pattern in SELF_REFERENCE:
+        match = pattern.search(text)
+        if match:
+            return match.group(0)
+    return None
+
+
+def parse_json_object(content: str) -> dict[str, Any]:
+    """The JSON object in `content`: alone, in a ``` fence, or amid prose (first { to last })."""
+    text = content.strip()
+    fenced = re.match(r"^```(?:json)?\s*(.*?)\s*```$", text, re.S | re.I)
+    if fenced:
+        text = fenced.group(1)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        start, end = text.find("{"), text.rfind("}")
+        if start < 0 or end <= start:
+            raise AnswerError("llm_malformed", f"the answer is not a JSON object: {content[:120]!r}") from None
+        try:
+            value = json.loads(text[start:end + 1])
+        except json.JSONDecodeError as exc:
+            raise AnswerError("llm_malformed", f"the answer is not valid JSON ({exc.msg}): {content[:120]!r}") from None
+    if not isinstance(value, dict):
+        raise AnswerError("llm_malformed", f"the answer is JSON but not an object: {content[:120]!r}")
+    return value
+
+
+def validate_answer(
+    data: Any, *, language: str, turns: int, max_reply_words: int, max_think_words: int,
+) -> dict[str, Any]:
+    """The answer, normalised ({think, reply_emotion, reply[, history]}); AnswerError if unusable."""
+    if not isinstance(data, dict):
+        raise AnswerError("llm_malformed", "the answer is not a JSON object")
+    keys = llm_prompts.answer_keys(turns)
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise AnswerError("llm_malformed", f"the answer lacks the key(s) {', '.join(missing)}")
+    for key in llm_prompts.ANSWER_KEYS:
+        if not isinstance(data[key], str):
+            raise AnswerError("llm_malformed", f"{key!r} must be a string, not {type(data[key]).__name__}")
+    think, reply = " ".join(data["think"].split()), " ".join(data["reply"].split())
+    if not reply:
+        raise AnswerError("llm_empty", "the reply is empty")
+    if not think:
+        raise AnswerError("llm_empty", "the reasoning ('think') is empty")
+    emotion = data["reply_emotion"].strip().strip("<>").strip().upper()
+    if emotion not in vocab.REPLY_EMOTIONS:
+        raise AnswerError("llm_off_vocabulary",
+                          f"reply_emotion {data['reply_emotion']!r} is not one of {', '.join(vocab.REPLY_EMOTIONS)}")
+    history: list[dict[str, str]] = []  # [{user, assistant}], oldest first
+    if turns > 1:
+        raw = data[llm_prompts.HISTORY_KEY]
+        if not isinstance(raw, list) or len(raw) != turns - 1:
+            got = f"{len(raw)} item(s)" if isinstance(raw, list) else f"a {type(raw).__name__}"
+            raise AnswerError("llm_bad_history", f"'history' must list exactly {turns - 1} earlier exchange(s), got {got}")
+        for i, turn in enumerate(raw):
+            if not isinstance(turn, dict) or not all(isinstance(turn.get(k), str) and turn[k].strip() for k in ("user", "assistant")):
+                raise AnswerError("llm_bad_history", f"history[{i}] must be an object with non-empty 'user' and 'assistant' strings")
+            history.append({"user": " ".join(turn["user"].split()), "assistant": " ".join(turn["assistant"].split())})
+
+    texts = [("reply", reply), ("think", think)]
+    for i, turn in enumerate(history):
+        texts += [(f"history[{i}].user", turn["user"]), (f"history[{i}].assistant", turn["assistant"])]
+    for name, text in texts:
+        if THINK_START in text or THINK_END in text:
+            raise AnswerError("llm_malformed", f"the {name} holds the reasoning markers {THINK_START} / {THINK_END}")
+    for name, text in texts:
+        if not name.endswith(".user"):  # a user may well ask whether they talk to a robot
+            found = self_reference(text)
+            if found:
+                raise AnswerError("llm_self_reference", f"the {name} speaks of itself as a machine ({found!r}); answer as a person would")
+    for name, text in texts:
+        problem = language_problem(text, language)
+        if problem:
+            raise AnswerError("llm_wrong_language", f"the {name} is in the wrong language: {problem}")
+    unit = "characters" if language == "zh" else "words"
+    if length_units(reply) > max_reply_words:
+        raise AnswerError("llm_too_long", f"the reply has {length_units(reply)} {unit}; at most {max_reply_words}")
+    if length_units(think) > max_think_words:
+        raise AnswerError("llm_too_long", f"the reasoning has {length_units(think)} {unit}; at most {max_think_words}")
+    for name, text in texts[2:]:
+        if length_units(text) > max_reply_words:
+            raise AnswerError("llm_too_long", f"{name} has {length_units(text)} {unit}; at most {max_reply_words}")
+    answer: dict[str, Any] = {"think": think, "reply_emotion": emotion, "reply": reply}
+    if turns > 1:
+        answer[llm_prompts.HISTORY_KEY] = history
+    return answer
+
+
+class _CircuitOpen(Exception):
+    pass
+
+
+class OpenAIReply(Stage):
+    """Replies, both reasoning forms and the reply emotion from an OpenAI-compatible endpoint.
+
+    Args:
+        model: the model name the endpoint serves (required).
+        base_url: the endpoint, e.g. http://localhost:8000/v1 (vLLM); None: OpenAI's.
+        api_key_env: the environment variable holding the key (read in setup, never stored).
+        temperature, top_p, max_tokens, seed: sampling parameters (None: the endpoint's default).
+        extra_body: further request fields for a server's own options (vLLM's top_k...).
+        structured_output: json_schema | json_object | none (see the module docstring).
+        timeout_s: per request; a request past it is a transient failure.
+        answer_attempts: answers asked for per record (the error fed back) before it is rejected.
+        turns: dialogue turns per record; > 1 adds the earlier turns as `history`.
+        min_label_score: labels scored below this are shown to the model as weak.
+        max_reply_words / max_think_words: longest reply / reasoning, in words (en) or characters (zh).
+        prompts_dir: a folder with reply_en.yaml and reply_zh.yaml instead of synth/prompts/.
+        cache_dir: the call cache root (the profile's `cache_dir`; a gs:// path works); None: no cache.
+        breaker_failures: consecutive transient failures that open the circuit
+            (None: twice the requests in flight, at least 8).
+        breaker_cooldown_s: how long an open circuit sends nothing.
+        price_input_per_m / price_output_per_m: USD per million prompt / completion tokens.
+    """
+
+    name = "reply"
+    reads = (
+        "id", "transcript", "transcript_origin", "transcript_confidence", "language",
+        "age", "age_score", "age_model", "gender", "gender_score", "gender_model",
+        "emotion", "emotion_score", "emotion_model", "events", "events_score", "events_model",
+        "style", "style_score", "style_model", "speaking_rate",
+    )
+    writes = ("think_tags", "think_text", "reply_emotion", "reply_text", "llm_model", "prompt_version", "history")
+    batch_size = 1
+    max_in_flight = 32
+    thread_safe = True
+
+    def __init__(
+        self,
+        model: str | None = None,
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        temperature: float | None = 0.7,
+        top_p: float | None = None,
+        max_tokens: int | None = 1024,
+        seed: int | None = None,
+        extra_body: dict[str, Any] | None = None,
+        structured_output: str = "json_schema",
+        timeout_s: float = 60.0,
+        answer_attempts: int = 3,
+        turns: int = 1,
+        min_label_score: float = 0.5,
+        max_reply_words: int = 120,
+        max_think_words: int = 300,
+        prompts_dir: str | None = None,
+        cache_dir: str | None = None,
+        breaker_failures: int | None = None,
+        breaker_cooldown_s: float = 30.0,
+        price_input_per_m: float = 0.0,
+        price_output_per_m: float = 0.0,
+    ):
+        if not model or not str(model).strip():
+            raise ValueError("params.model is required: the model name the endpoint serves (--set reply.params.model=NAME)")
+        if structured_output not in STRUCTURED_MODES:
+            raise ValueError(f"structured_output must be one of {', '.join(STRUCTURED_MODES)}, got {structured_output!r}")
+        if not api_key_env or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):
+            raise ValueError(f"api_key_env must name an environment variable, got {api_key_env!r}")
+        for name, value, low in (("answer_attempts", answer_attempts, 1), ("turns", turns, 1),
+                                 ("max_reply_words", max_reply_words, 1), ("max_think_words", max_think_words, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be a whole number of at least {low}, got {value!r}")
+        if breaker_failures is not None and breaker_failures < 1:
+            raise ValueError(f"breaker_failures must be at least 1, got {breaker_failures}")
+        if timeout_s <= 0 or breaker_cooldown_s < 0 or price_input_per_m < 0 or price_output_per_m < 0:
+            raise ValueError("timeout_s must be positive; breaker_cooldown_s and the prices must not be negative")
+        if not 0.0 <= min_label_score <= 1.0:
+            raise ValueError(f"min_label_score must be within 0-1, got {min_label_score}")
+        self.model = str(model)
+        self.base_url = base_url
+        self.api_key_env = api_key_env
+        self.temperature, self.top_p, self.max_tokens, self.seed = temperature, top_p, max_tokens, seed
+        self.extra_body = dict(extra_body or {})
+        self.structured_output = structured_output
+        self.timeout_s = float(timeout_s)
+        self.answer_attempts = answer_attempts
+        self.turns = turns
+        self.min_label_score = min_label_score
+        self.max_reply_words, self.max_think_words = max_reply_words, max_think_words
+        self.prompts_dir = prompts_dir
+        self.cache_dir = cache_dir
+        self.breaker_failures = breaker_failures
+        self.breaker_cooldown_s = float(breaker_cooldown_s)
+        self.price_input_per_m, self.price_output_per_m = float(price_input_per_m), float(price_output_per_m)
+        self._prompts = {language: llm_prompts.load_prompt_set(language, prompts_dir) for language in LANGUAGES}
+        self._prefixes = {language: llm_prompts.prefix_messages(ps, turns=turns, min_score=min_label_score)
+                          for language, ps in self._prompts.items()}
+        self._init_runtime()
+
+    # ------------------------------------------------------------------ state
+
+    def _init_runtime(self) -> None:
+        self._client = None
+        self._cache: ContentCache | None = None
+        self._breaker: CircuitBreaker | None = None
+        self._mode = self.structured_output
+        self._lock = threading.Lock()
+        self._usage: Counter = Counter()
+        self._cost_micro = 0.0
+        self._waiting: dict[str, list] = {}  # cache key -> [lock, holders]: one request per key
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in ("_client", "_cache", "_breaker", "_lock", "_usage", "_cost_micro", "_waiting", "_mode"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(model={self.model!r}, base_url={safe_url(self.base_url)!r}, "
+                f"api_key_env={self.api_key_env!r}, structured_output={self.structured_output!r}, turns={self.turns})")
+
+    def setup(self) -> None:
+        import openai
+
+        key = os.environ.get(self.api_key_env) or None
+        if key is None:
+            if self.base_url is None:
+                raise RuntimeError(f"no API key: set the environment variable {self.api_key_env} "
+                                   "(or name another with reply.params.api_key_env)")
+            log.warning("$%s is not set: sending requests to %s without a key", self.api_key_env, safe_url(self.base_url))
+        # max_retries=0: the stage runner owns retries (backoff, jitter, Retry-After, a bound).
+        self._client = openai.OpenAI(api_key=key or NO_KEY, base_url=self.base_url, timeout=self.timeout_s, max_retries=0)
+        self._cache = ContentCache(self.cache_dir, CACHE_NAMESPACE) if self.cache_dir else None
+        self._breaker = CircuitBreaker(self.breaker_failures or max(8, 2 * self.max_in_flight), self.breaker_cooldown_s)
+        # httpx logs every request at INFO; the build's log keeps only our own lines about them.
+        for name in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+    def teardown(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def describe(self) -> str:
+        return f"openai-compatible:{self.model}"
+
+    def usage(self) -> dict[str, int]:
+        with self._lock:
+            totals = {k: int(v) for k, v in self._usage.items()}
+            totals["cost_micro_usd"] = int(round(self._cost_micro))
+        return totals
+
+    def _count(self, **amounts: int) -> None:
+        with self._lock:
+            self._usage.update(amounts)
+
+    # ------------------------------------------------------------------ one record
+
+    def sampling(self) -> dict[str, Any]:
+        """The request's sampling parameters (part of the cache key)."""
+        params = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "seed": self.seed}
+        return {**{k: v for k, v in params.items() if v is not None}, **({"extra_body": self.extra_body} if self.extra_body else {})}
+
+    def request_key(self, messages: list[dict[str, str]], prompt_version: str) -> str:
+        return cache_key(kind="reply", model=self.model, prompt_version=prompt_version, messages=messages,
+                         sampling=self.sampling(), structured_output=self.structured_output, turns=self.turns)
+
+    def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self.setup()
+        transcript = (record.get("transcript") or "").strip()
+        if not transcript:
+            yield self.reject(record, "no_transcript", "the record has no transcript to reply to")
+            return
+        language = record.get("language") or reasoning.guess_language(transcript)
+        if language not in self._prompts:
+            yield self.reject(record, "unsupported_language", f"language {language!r}; prompts exist for {', '.join(self._prompts)}")
+            return
+        prompts = self._prompts[language]
+        record_in = {**record, "transcript": transcript, "language": language}
+        messages = llm_prompts.messages(prompts, record_in, turns=self.turns, min_score=self.min_label_score,
+                                        prefix=self._prefixes[language])
+        key = self.request_key(messages, prompts.version)
+        with self._one_request_per_key(key):
+            answer = self._cached(key, language)
+            if answer is None:
+                try:
+                    answer = self._ask(messages, prompts)
+                except AnswerError as exc:
+                    yield self.reject(record, exc.reason, str(exc))
+                    return
+                except _CircuitOpen as exc:
+                    self._count(circuit_open=1)
+                    yield self.reject(record, "circuit_open", str(exc))
+                    return
+                if self._cache is not None:
+                    try:
+                        self._cache.put_json(key, {"answer": answer, "model": self.model, "prompt_version": prompts.version})
+                    except Exception as exc:  # noqa: BLE001 - the answer is good; only a rerun would pay again
+                        self._count(cache_write_errors=1)
+                        log.warning("could not cache answer %s: %s", key[:12], exc)
+        cues = reasoning.Cues.from_record(record_in)
+        out = {
+            **record,
+            "think_tags": reasoning.tag_form(cues, answer["reply_emotion"]),
+            "think_text": wrap_think(answer["think"]),
+            "reply_emotion": answer["reply_emotion"],
+            "reply_text": answer["reply"],
+            "llm_model": self.describe(),
+            "prompt_version": prompts.version,
+        }
+        if self.turns > 1:
+            out["history"] = as_turns(answer[llm_prompts.HISTORY_KEY])
+        yield out
+
+    def _cached(self, key: str, language: str) -> dict[str, Any] | None:
+        if self._cache is None:
+            return None
+        entry = self._cache.get_json(key)
+        if not isinstance(entry, dict):
+            return None
+        try:
+            valid = self._validate(entry.get("answer"), language)
+        except AnswerError as exc:
+            log.warning("cached answer %s no longer passes validation (%s); asking again", key[:12], exc)
+            return None
+        self._count(cache_hits=1)
+        return valid
+
+    def _validate(self, data: Any, language: str) -> dict[str, Any]:
+        return validate_answer(data, language=language, turns=self.turns,
+                               max_reply_words=self.max_reply_words, max_think_words=self.max_think_words)
+
+    @contextlib.contextmanager
+    def _one_request_per_key(self, key: str) -> Iterator[None]:
+        """Records with the same key run one after the other: the second finds the first's answer."""
+        with self._lock:
+            gate = self._waiting.setdefault(key, [threading.Lock(), 0])
+            gate[1] += 1
+        try:
+            with gate[0]:
+                yield
+        finally:
+            with self._lock:
+                gate[1] -= 1
+                if gate[1] == 0:
+                    self._waiting.pop(key, None)
+
+    # ------------------------------------------------------------------ the endpoint
+
+    def _ask(self, messages: list[dict[str, str]], prompts: llm_prompts.PromptSet) -> dict[str, Any]:
+        """A valid answer, asking again with the error fed back; AnswerError after the last try."""
+        conversation = list(messages)
+        error: AnswerError | None = None
+        for attempt in range(1, self.answer_attempts + 1):
+            response = self._request(conversation)
+            choices = getattr(response, "choices", None) or []
+            content = (choices[0].message.content or "") if choices else ""
+            try:
+                return self._validate(self._read(response), prompts.language)
+            except AnswerError as exc:
+                error = exc
+                self._count(invalid_answers=1)
+                log.info("answer %d/%d not usable (%s): %s", attempt, self.answer_attempts, exc.reason, exc)
+                conversation = conversation + [
+                    {"role": "assistant", "content": content or "(no answer)"},
+                    {"role": "user", "content": llm_prompts.feedback_message(prompts, str(exc), self.turns)},
+                ]
+        assert error is not None
+        raise AnswerError(error.reason, f"{self.answer_attempts} answer(s) not usable; last: {error}")
+
+    def _read(self, response: Any) -> dict[str, Any]:
+        """The JSON object a completion answers with; AnswerError when there is none."""
+        choices = getattr(response, "choices", None) or []
+        if not choices:
+            raise AnswerError("llm_malformed", "the completion has no choices")
+        choice = choices[0]
+        message = choice.message
+        refusal = getattr(message, "refusal", None)
+        if refusal:
+            raise AnswerError("llm_refused", f"the model refused: {str(refusal)[:200]}")
+        if choice.finish_reason == "content_filter":
+            raise AnswerError("llm_refused", "the endpoint's content filter stopped the answer")
+        content = message.content or ""
+        if choice.finish_reason == "length":
+            raise AnswerError("llm_too_long", f"the answer was cut off at max_tokens={self.max_tokens}")
+        if not content.strip():
+            raise AnswerError("llm_empty", "the answer is empty")
+        return parse_json_object(content)
+
+    def _response_format(self, mode: str) -> dict[str, Any] | None:
+        if mode == "json_schema":
+            return {"type": "json_schema", "json_schema": {"name": "empathetic_reply", "strict": True,
+                                                           "schema": llm_prompts.answer_schema(self.turns)}}
+        if mode == "json_object":
+            return {"type": "json_object"}
+        return None
+
+    def _request(self, conversation: list[dict[str, str]]) -> Any:
+        """One completion. TransientError for what may pass; AnswerError for a permanent refusal."""
+        import openai
+        from openai.types.chat import ChatCompletion
+
+        assert self._client is not None and self._breaker is not None
+        while True:
+            if not self._breaker.allow():
+                raise _CircuitOpen(f"the circuit is open after repeated transient failures of {safe_url(self.base_url) or 'the endpoint'}; "
+                                   f"no request sent (cool-down {self.breaker_cooldown_s:g} s)")
+            mode = self._mode
+            sampling = self.sampling()
+            body: dict[str, Any] = {"model": self.model, "messages": conversation,
+                                    **{k: v for k, v in sampling.items() if k != "extra_body"}, **sampling.get("extra_body", {})}
+            response_format = self._response_format(mode)
+            if response_format is not None:
+                body["response_format"] = response_format
+            self._count(requests=1)
+            try:
+                # The client's own request path (auth, timeout, errors) with a plain JSON body: the
+                # typed `chat.completions.create` spends as much CPU walking its TypedDicts over
+                # the messages as the rest of a request, which caps the requests one process keeps
+                # in flight. The answer is parsed into the same ChatCompletion.
+                response = self._client.post("/chat/completions", body=body, cast_to=ChatCompletion)
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+                if status in TRANSIENT_STATUS or status >= 500:
+                    if status == 429 and _error_code(exc) == "insufficient_quota":
+                        self._breaker.success()
+                        raise AnswerError("llm_quota", "HTTP 429 insufficient_quota: the account has no credit left") from None
+                    self._transient()
+                    raise TransientError(f"HTTP {status}: {self._redact(_error_text(exc))}", retry_after=retry_after(exc.response)) from None
+                self._breaker.success()
+                if status == 400 and mode != "none" and re.search(r"response_format|json_schema|json_object|structured", str(exc), re.I):
+                    self._downgrade(mode, exc)
+                    continue
+                if status in (401, 403):
+                    raise AnswerError("llm_auth_error", f"HTTP {status}: the endpoint refused the credentials (${self.api_key_env})") from None
+                raise AnswerError("llm_request_error", f"HTTP {status}: {self._redact(_error_text(exc))}") from None
+            except openai.APITimeoutError:
+                self._transient()
+                raise TransientError(f"no answer within {self.timeout_s:g} s") from None
+            except openai.APIConnectionError as exc:
+                self._transient()
+                raise TransientError(f"connection failed: {self._redact(str(exc))}") from None
+            self._breaker.success()
+            usage = getattr(response, "usage", None)
+            prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+            completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+            with self._lock:
+                self._usage.update(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+                self._cost_micro += prompt_tokens * self.price_input_per_m + completion_tokens * self.price_output_per_m
+            return response
+
+    def _transient(self) -> None:
+        assert self._breaker is not None
+        self._count(transient_errors=1)
+        if self._breaker.failure():
+            log.warning("%s: %d consecutive transient failures of %s; no requests for %g s (records rejected as circuit_open)",
+                        self.slot_name, self._breaker.failures, safe_url(self.base_url) or "the endpoint", self.breaker_cooldown_s)
+
+    def _downgrade(self, mode: str, exc: Exception) -> None:
+        weaker = STRUCTURED_MODES[STRUCTURED_MODES.index(mode) + 1]
+        with self._lock:
+            if self._mode == mode:
+                self._mode = weaker
+                log.warning("%s: the endpoint refused response_format %s (%s); using %s from now on",
+                            self.slot_name, mode, self._redact(str(exc))[:200], weaker)
+
+    def _redact(self, text: str) -> str:
+        """`text` with the key, bearer tokens and sk-... strings hidden."""
+        key = getattr(self._client, "api_key", None)
+        if isinstance(key, str) and key and key != NO_KEY:
+            text = text.replace(key, "***")
+        text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
+        return re.sub(r"\bsk-[A-Za-z0-9_\-*]{6,}", "sk-***", text)
+
+
+def _error_text(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])[:500]
+    return str(getattr(exc, "message", None) or exc)[:500]
+
+
+def _error_code(exc: Any) -> str | None:
+    code = getattr(exc, "code", None)
+    if code:
+        return str(code)
+    body = getattr(exc, "body", None)
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    return str(inner.get("code")) if isinstance(inner, dict) and inner.get("code") else None
+
+
+def as_turns(history: list[dict[str, str]]) -> list[dict[str, str]]:
+    """[{user, assistant}, ...] as the record's `history`: [{role, text}, ...], oldest first."""
+    return [{"role": role, "text": exchange[role]} for exchange in history for role in ("user", "assistant")]
+
+
+def retry_after(response: Any) -> float | None:
+    """Seconds the peer asked to wait: `retry-after-ms`, or `Retry-After` as seconds or an HTTP date."""
+    headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
