@@ -37,7 +37,6 @@ import argparse
 import json
 import re
 import sys
-import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +44,16 @@ from typing import Any, Iterable
 
 from echat.model import prompts
 from echat.schemas import reasoning, tasks, vocab
-from echat.schemas.text import CJK_OR_WORD, has_cjk
+from echat.schemas.scoring import (
+    NONE_CLASS,
+    ErrorRate,
+    EventSets,
+    LabelAccuracy,
+    language_of,
+    normalize_transcript,
+)
 
 REQUIRED_KEYS = ("key", "task", "prediction", "reference")
-NONE_CLASS = "<none>"  # the predicted class of an answer that names no label of the vocabulary
 
 EVENTS_FIELD = "events"  # the label field of <CAPTION>: a set of events, scored apart
 # Single-label tags -> (record field name, vocabulary), from the tables training uses.
@@ -62,8 +67,6 @@ THINK_FIELDS: dict[str, tuple[str, ...]] = {name.lower(): reasoning.FIELD_VOCABS
 _THINK_FIELD_NAME = {attr: name.lower() for name, attr in reasoning.TAG_FIELDS}
 
 _TAG = re.compile(r"<([^<>]*)>")
-_TIMESTAMP = re.compile(r"<\s*\d+(?:\.\d+)?\s*>")
-_APOSTROPHES = "'\u2019\u02bc"  # ' ’ ʼ: inside words (it's, don't), dropped without a space
 
 
 class PredictionsError(ValueError):
@@ -101,38 +104,6 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
 
 def _canonical(label: str) -> str:
     return " ".join(label.strip().lower().replace("_", " ").split())
-
-
-def strip_tags(text: str) -> str:
-    """The text without `<...>` tags (labels, timestamps, think markers): the transcript part."""
-    return " ".join(_TAG.sub(" ", text).split())
-
-
-def language_of(reference: str, language: str | None = None) -> str:
-    """"zh" or "en": the row's own language when given, else by the script of the reference."""
-    if language:
-        return "zh" if language.lower().startswith("zh") else "en"
-    return "zh" if has_cjk(reference) else "en"
-
-
-def remove_punctuation(text: str) -> str:
-    """Punctuation (Unicode category P*) becomes a space, except apostrophes, which are dropped:
-    `"stop—it's 3.5"` -> `stop its 3 5` (jiwer's RemovePunctuation would join `stopits 35`)."""
-    spaced = "".join(" " if unicodedata.category(ch).startswith("P") and ch not in _APOSTROPHES else ch for ch in text)
-    return "".join(ch for ch in spaced if ch not in _APOSTROPHES)
-
-
-def normalize_transcript(text: str, language: str) -> list[str]:
-    """Scoring tokens: English words, or Chinese characters (Latin words kept whole)."""
-    text = _TIMESTAMP.sub(" ", text)
-    text = strip_tags(text).lower()
-    text = remove_punctuation(text)
-    if language == "zh":
-        return CJK_OR_WORD.findall(text)  # a Chinese character, or a run of other non-space text
-    return text.split()
-
-
-# ----------------------------------------------------------------------------- parsing answers
 
 
 def tags_in(text: str) -> list[str]:
@@ -185,115 +156,6 @@ def think_fields(text: str) -> dict[str, str | None]:
 # ----------------------------------------------------------------------------- scorers
 
 
-class _Accuracy:
-    """Accuracy with per-class counts and a confusion table (reference -> predicted -> n)."""
-
-    def __init__(self, classes: tuple[str, ...]):
-        self.classes = classes
-        self.confusion: dict[str, Counter] = defaultdict(Counter)
-        self.unscored = 0
-
-    def add(self, reference: str | None, predicted: str | None) -> None:
-        if reference is None:
-            self.unscored += 1
-            return
-        self.confusion[reference][predicted or NONE_CLASS] += 1
-
-    def report(self) -> dict[str, Any]:
-        total = sum(sum(c.values()) for c in self.confusion.values())
-        correct = sum(c[ref] for ref, c in self.confusion.items())
-        predicted = Counter()
-        for c in self.confusion.values():
-            predicted.update(c)
-        per_class = {}
-        seen = set(self.confusion) | set(predicted)
-        # Vocabulary order first, then classes outside it (event sets such as "cough+laugh"), then <none>.
-        order = [c for c in self.classes if c in seen] + sorted(seen - set(self.classes) - {NONE_CLASS})
-        for cls in order + ([NONE_CLASS] if predicted[NONE_CLASS] else []):
-            support = sum(self.confusion[cls].values()) if cls in self.confusion else 0
-            hits = self.confusion[cls][cls] if cls in self.confusion else 0
-            per_class[cls] = {
-                "support": support,
-                "predicted": predicted[cls],
-                "correct": hits,
-                "recall": hits / support if support else None,
-                "precision": hits / predicted[cls] if predicted[cls] else None,
-            }
-        return {
-            "metric": "accuracy",
-            "accuracy": correct / total if total else None,
-            "scored": total,
-            "correct": correct,
-            "unscored_no_reference": self.unscored,
-            "per_class": per_class,
-            # Rows in vocabulary order, like the columns (per_class).
-            "confusion": {ref: dict(self.confusion[ref]) for ref in order if ref in self.confusion},
-        }
-
-
-class _ErrorRate:
-    """Corpus-level WER (en) or CER (zh) with jiwer's alignment counts."""
-
-    def __init__(self, language: str):
-        self.language = language
-        self.references: list[str] = []
-        self.hypotheses: list[str] = []
-
-    def add(self, reference: str, prediction: str) -> None:
-        self.references.append(" ".join(normalize_transcript(reference, self.language)))
-        self.hypotheses.append(" ".join(normalize_transcript(prediction, self.language)))
-
-    def report(self) -> dict[str, Any]:
-        import jiwer
-
-        out = jiwer.process_words(self.references, self.hypotheses)
-        n_ref = out.hits + out.substitutions + out.deletions
-        name = "cer" if self.language == "zh" else "wer"
-        errors = out.substitutions + out.deletions + out.insertions
-        return {
-            "metric": name,
-            name: errors / n_ref if n_ref else (0.0 if errors == 0 else None),
-            "utterances": len(self.references),
-            "reference_tokens": n_ref,
-            "substitutions": out.substitutions,
-            "deletions": out.deletions,
-            "insertions": out.insertions,
-            "hits": out.hits,
-            "sentence_error_rate": sum(r != h for r, h in zip(self.references, self.hypotheses)) / len(self.references),
-        }
-
-
-class _EventSets:
-    """Set-based precision/recall/F1 over event tags (micro-averaged) and exact-match accuracy."""
-
-    def __init__(self):
-        self.tp = self.fp = self.fn = self.exact = self.n = 0
-        self.per_event: dict[str, Counter] = defaultdict(Counter)
-
-    def add(self, reference: set[str], predicted: set[str]) -> None:
-        self.n += 1
-        self.exact += reference == predicted
-        self.tp += len(reference & predicted)
-        self.fp += len(predicted - reference)
-        self.fn += len(reference - predicted)
-        for e in reference | predicted:
-            self.per_event[e]["tp" if e in reference and e in predicted else ("fp" if e in predicted else "fn")] += 1
-
-    def report(self) -> dict[str, Any]:
-        precision = self.tp / (self.tp + self.fp) if self.tp + self.fp else None
-        recall = self.tp / (self.tp + self.fn) if self.tp + self.fn else None
-        f1 = 2 * precision * recall / (precision + recall) if precision and recall else (0.0 if precision is not None and recall is not None else None)
-        return {
-            "metric": "event_sets",
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
-            "exact_match": self.exact / self.n if self.n else None,
-            "scored": self.n,
-            "per_event": {e: dict(c) for e, c in sorted(self.per_event.items())},
-        }
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -344,8 +206,8 @@ def _evaluate_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {"rows": len(rows), "metrics": {}}
     metrics = result["metrics"]
     error_rates: dict[str, _ErrorRate] = {}
-    labels = {tag: _Accuracy(LABEL_VOCABS[tag][1]) for tag in tags if tag in LABEL_VOCABS}
-    events = _EventSets() if EVENTS_FIELD in spec.labels else None
+    labels = {tag: LabelAccuracy(LABEL_VOCABS[tag][1]) for tag in tags if tag in LABEL_VOCABS}
+    events = EventSets() if EVENTS_FIELD in spec.labels else None
     think: dict[str, _Accuracy] = {}
     without_reference = 0
     for row in rows:
@@ -356,7 +218,7 @@ def _evaluate_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         prediction, reference = _text(row.get("prediction")), _text(row.get("reference"))
         if spec.transcribes:
             lang = language_of(reference, row.get("language"))
-            error_rates.setdefault(lang, _ErrorRate(lang)).add(reference, prediction)
+            error_rates.setdefault(lang, ErrorRate(lang)).add(reference, prediction)
         if labels:
             ref_labels = label_answers(reference, tags)
             hyp_labels = label_answers(prediction, tags)
@@ -367,7 +229,7 @@ def _evaluate_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         if spec.reasons:
             ref_fields, hyp_fields = think_fields(reference), think_fields(prediction)
             for name, value in ref_fields.items():
-                think.setdefault(name, _Accuracy(THINK_FIELDS[name])).add(value, hyp_fields.get(name))
+                think.setdefault(name, LabelAccuracy(THINK_FIELDS[name])).add(value, hyp_fields.get(name))
     for lang, scorer in sorted(error_rates.items()):
         metrics[f"transcript_{lang}"] = scorer.report()
     for tag, scorer in labels.items():

@@ -142,12 +142,14 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     data_dir, rejects_dir, work_dir = (FileSystems.join(out, d) for d in ("data", "rejects", "_work"))
     # The input is checked before the output is touched, so a mistyped input leaves nothing behind.
     options = pipeline_options(profile, beam_args, verbose=verbose)
-    listing = list_sources(input_path, dataset_name=profile.dataset_name, license=profile.license, trust_manifest=profile.trust_manifest)
+    listing = list_sources(input_path, dataset_name=profile.dataset_name, license=profile.license,
+                           trust_manifest=profile.trust_manifest, language=profile.language)
     _prepare_output(out, [data_dir, rejects_dir, work_dir], overwrite)
     records, source_rejects = _dedupe(listing.records)
     source_rejects += [r.to_dict() for r in listing.rejects]
 
     tallies_path = FileSystems.join(work_dir, "tallies.json")
+    accuracy_path = FileSystems.join(work_dir, "label_accuracy.json")
     shards_path = FileSystems.join(work_dir, "shards.json")
     specs = stage_specs(profile)
     local_workers = _runs_here(options)
@@ -160,7 +162,7 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
         shards = build_graph(
             pipeline, records, source_rejects, profile,
             data_dir=data_dir, rejects_prefix=FileSystems.join(rejects_dir, "rejects"), tallies_path=tallies_path,
-            progress_dir=progress_dir if local_workers else None,
+            accuracy_path=accuracy_path, progress_dir=progress_dir if local_workers else None,
         )
         write_list(shards, shards_path, "Shards")
         split = next((s.slot for s in specs if s.splits), None)
@@ -174,6 +176,7 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     tallies = _read_json(tallies_path)
     tallies.update(source_reject_tallies(source_rejects))
     shard_list = _read_json(shards_path)
+    label_accuracy = _read_json(accuracy_path)
     stage_order = [s.slot for s in specs]
     context = {
         "profile": profile.name,
@@ -189,6 +192,8 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
         tallies=tallies, shards=shard_list, counters=read_counters(result), stage_order=stage_order,
         wall_seconds=wall, context=context,
     )
+    if label_accuracy.get("rows_with_reference"):
+        summary["label_accuracy"] = label_accuracy
     _write_text(FileSystems.join(out, "summary.json"), json.dumps(summary, indent=2, ensure_ascii=False))
     _write_text(FileSystems.join(out, "reconciliation.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_source))
     return summary
@@ -324,6 +329,8 @@ def print_report(summary: dict[str, Any], output: str) -> None:
               f"{st['busy_seconds']:>9.2f}{xrt:>13}")
     for reason, n in rejects["by_stage_reason"].items():
         print(f"  rejected {n:>4}  {reason}")
+    if summary.get("label_accuracy"):
+        print_label_accuracy(summary["label_accuracy"])
     ok = summary["reconciliation"]["ok"]
     print(f"  reconciliation: {'ok' if ok else 'MISMATCH'} (inputs = outputs + rejects for {summary['reconciliation']['sources_checked']} sources)")
     paths = summary["paths"]
@@ -332,3 +339,25 @@ def print_report(summary: dict[str, Any], output: str) -> None:
     print(f"  summary: {paths['summary']}")
     if paths.get("log"):
         print(f"  log:     {paths['log']}")
+
+
+def print_label_accuracy(table: dict[str, Any]) -> None:
+    """The labelers against the manifest's reference: one line per field."""
+    print(f"  label accuracy against the manifest ({table['rows_with_reference']} rows with a reference):")
+    for field, report in table.items():
+        if not isinstance(report, dict):
+            continue
+        if report["metric"] == "accuracy":
+            acc, labelled = report["accuracy_of_labelled"], report["labelled"]
+            print(f"    {field:<14} {_pct(acc)} of {labelled} labelled, {report['scored'] - labelled} left unknown "
+                  f"({_pct(report['accuracy'])} of all {report['scored']})")
+        elif report["metric"] == "event_sets":
+            print(f"    {field:<14} precision {_pct(report['precision'])}, recall {_pct(report['recall'])}, "
+                  f"exact sets {_pct(report['exact_match'])} of {report['scored']} labelled, {report['unlabelled']} not labelled")
+        else:
+            name = report["metric"]
+            print(f"    {field:<14} {name.upper()} {_pct(report[name])} over {report['reference_tokens']} reference tokens")
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"

@@ -22,6 +22,7 @@ import apache_beam as beam
 
 from echat.schemas.stage_runner import RetryPolicy
 
+from .accuracy import LabelAccuracyFn
 from .profile import Profile
 from .rows import EncodeRow
 from .shards import WriteShards
@@ -107,6 +108,7 @@ def build_graph(
     data_dir: str,
     rejects_prefix: str,
     tallies_path: str,
+    accuracy_path: str | None = None,
     progress_dir: str | None = None,
 ):
     """Add the build to `pipeline`. Returns the PCollection of written-shard descriptions."""
@@ -123,6 +125,10 @@ def build_graph(
 
     specs = stage_specs(profile)
     for i, spec in enumerate(specs):
+        if spec.slot == ENCODE_SLOT and accuracy_path:  # labels are final here; encoding drops `_reference`
+            (current
+             | "LabelAccuracy" >> beam.CombineGlobally(LabelAccuracyFn())
+             | "WriteLabelAccuracy" >> beam.Map(_write_json, accuracy_path))
         current, stage_rejects, stage_tallies = current | ApplyStage(spec, progress_dir)
         rejects.append(stage_rejects)
         tallies.append(stage_tallies)

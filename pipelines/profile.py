@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from echat.schemas.labels import normalise
+from echat.schemas.record import LABEL_GROUPS
 from echat.schemas.stage import MANIFEST, ORIGINS
 from echat.schemas.stage_runner import DEFAULT_PRECEDENCE, stage_groups
 from echat.settings import apply_override, resolve_named_yaml, validate_settings
@@ -87,8 +89,13 @@ class Profile(_Strict):
     dataset_name: str = "echat"
     license: str | None = None
     # Manifest transcript, language and labels (gender, age, emotion...) are taken as given and
-    # labelled with model "manifest".
-    trust_manifest: bool = True
+    # labelled with model "manifest": all of them (true), none (false) or the groups listed (e.g.
+    # [transcript, language]). A field not trusted is the reference the labelers are scored
+    # against: the summary's `label_accuracy` table.
+    trust_manifest: bool | list[str] = True
+    # The language of records that do not say (a folder of audio without a manifest), e.g. "en";
+    # null leaves it to a language-ID stage, and unset languages are flagged `language_unknown`.
+    language: str | None = None
     # Which source wins a field that several could fill, best first (schemas/stage_runner.py): a
     # stage writes a label group only when it is empty or held by a source ranked below its own.
     precedence: list[str] = Field(default_factory=lambda: list(DEFAULT_PRECEDENCE))
@@ -98,6 +105,26 @@ class Profile(_Strict):
     stages: list[StageEntry]
     output: OutputOptions = Field(default_factory=OutputOptions)
     beam: BeamOptions = Field(default_factory=BeamOptions)
+
+    @field_validator("trust_manifest")
+    @classmethod
+    def _known_groups(cls, value):
+        if isinstance(value, list):
+            unknown = [g for g in value if g not in LABEL_GROUPS]
+            if unknown:
+                raise ValueError(f"unknown field(s) {unknown}; trust_manifest lists some of {', '.join(LABEL_GROUPS)}")
+        return value
+
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, value):
+        return None if value is None else normalise("language", value)
+
+    def trusted_fields(self) -> frozenset[str]:
+        """The manifest's label groups taken as given (the others become the reference)."""
+        if self.trust_manifest is True:
+            return frozenset(LABEL_GROUPS)
+        return frozenset(self.trust_manifest or ())
 
     @field_validator("precedence")
     @classmethod
@@ -208,5 +235,5 @@ def check_stages(profile: Profile) -> None:
             segmenter = entry.slot
     if segmenter is None:
         raise ValueError("no stage cuts files into segments (writes `id` and the segment bounds): add a VAD stage")
-    if profile.trust_manifest and MANIFEST not in profile.precedence:
+    if profile.trusted_fields() and MANIFEST not in profile.precedence:
         raise ValueError("trust_manifest is true but 'manifest' is not in precedence: manifest labels would never be kept")

@@ -26,6 +26,7 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".
 MANIFEST_EXTENSIONS = (".jsonl", ".csv")
 PATH_KEYS = ("path", "audio", "wav")
 STAGE = "source"
+REFERENCE_KEY = "_reference"  # the manifest's untrusted labels, scored in pipelines/accuracy.py
 
 # Manifest label columns; each is normalised through schemas/labels.py (aliases, case, OSUM forms).
 LABEL_COLUMNS = ("gender", "age", "emotion", "style", "language")
@@ -38,8 +39,31 @@ class SourceListing:
     skipped_files: int = 0  # non-audio files found in a folder (manifests, text, images)
 
 
-def list_sources(input_path: str, *, dataset_name: str, license: str | None, trust_manifest: bool = True) -> SourceListing:
-    """Records for every audio file named by `input_path` (a folder or a manifest)."""
+def list_sources(input_path: str, *, dataset_name: str, license: str | None, trust_manifest=True,
+                 language: str | None = None) -> SourceListing:
+    """Records for every audio file named by `input_path` (a folder or a manifest).
+
+    `trust_manifest`: True, False, or the label groups (schemas.record.LABEL_GROUPS) whose manifest
+    values are taken as given; the manifest's other values become each record's `_reference`.
+    `language`: given to every record that has none (origin "profile").
+    """
+    listing = _list(input_path, dataset_name=dataset_name, license=license, trust_manifest=_trusted(trust_manifest))
+    if language:
+        for record in listing.records:
+            if record.get("language") is None:
+                record.update(language=language, language_origin="profile")
+    return listing
+
+
+def _trusted(trust_manifest) -> frozenset[str]:
+    from echat.schemas.record import LABEL_GROUPS
+
+    if trust_manifest is True:
+        return frozenset(LABEL_GROUPS)
+    return frozenset(trust_manifest or ())
+
+
+def _list(input_path: str, *, dataset_name: str, license: str | None, trust_manifest: frozenset[str]) -> SourceListing:
     from apache_beam.io.filesystems import FileSystems
 
     lowered = input_path.lower()
@@ -83,7 +107,7 @@ def _list_folder(folder: str, *, dataset_name: str, license: str | None) -> Sour
     return listing
 
 
-def _read_manifest(manifest: str, *, dataset_name: str, license: str | None, trust_manifest: bool) -> SourceListing:
+def _read_manifest(manifest: str, *, dataset_name: str, license: str | None, trust_manifest: frozenset[str]) -> SourceListing:
     from apache_beam.io.filesystems import FileSystems
 
     with FileSystems.open(manifest) as handle:
@@ -100,7 +124,7 @@ def _read_manifest(manifest: str, *, dataset_name: str, license: str | None, tru
     return listing
 
 
-def _row_to_record(row, where: str, base_dir: str, dataset_name: str, license: str | None, trust_manifest: bool):
+def _row_to_record(row, where: str, base_dir: str, dataset_name: str, license: str | None, trust_manifest: frozenset[str]):
     """A record for one manifest row, or the Reject saying why the row cannot be one."""
     if isinstance(row, str):  # a line that did not parse
         return Reject(source_uri=where, stage=STAGE, reason="manifest_row_invalid", detail=row)
@@ -110,10 +134,9 @@ def _row_to_record(row, where: str, base_dir: str, dataset_name: str, license: s
         return Reject(source_uri=where, stage=STAGE, reason="manifest_row_invalid", detail=detail)
     uri = _resolve(given.strip(), base_dir)
     record = _base_record(uri, dataset_name, license)
-    if trust_manifest:
-        problem = _apply_manifest_fields(record, row)
-        if problem:
-            return Reject(source_uri=uri, stage=STAGE, reason="invalid_label", detail=f"{where}: {problem}")
+    problem = _apply_manifest_fields(record, row, trust_manifest)
+    if problem:
+        return Reject(source_uri=uri, stage=STAGE, reason="invalid_label", detail=f"{where}: {problem}")
     return record
 
 
@@ -136,13 +159,31 @@ def _manifest_rows(manifest: str, text: str):
         yield i, row if isinstance(row, dict) else f"not a JSON object: {line[:200]}"
 
 
-def _apply_manifest_fields(record: dict[str, Any], row: dict[str, Any]) -> str | None:
-    """Copy the manifest's transcript, speaker and labels into `record`; a problem as text."""
-    text = row.get("text") or row.get("transcript") or row.get("txt")
-    if text:
-        record.update(transcript=str(text).strip(), transcript_origin="manifest", transcript_confidence=1.0)
+def _apply_manifest_fields(record: dict[str, Any], row: dict[str, Any], trusted: frozenset[str]) -> str | None:
+    """Copy the manifest's speaker, and its transcript and labels of the `trusted` groups, into
+    `record`; the other groups' values go to `record["_reference"]`. A problem as text."""
     if row.get("speaker"):
         record["speaker"] = str(row["speaker"])
+    given: dict[str, Any] = {}  # group -> fields, as a trusted group writes them
+    text = row.get("text") or row.get("transcript") or row.get("txt")
+    if text:
+        given["transcript"] = {"transcript": str(text).strip(), "transcript_origin": "manifest", "transcript_confidence": 1.0}
+    problem = _manifest_labels(row, given)
+    if problem:
+        return problem
+    reference = {}
+    for group, fields in given.items():
+        if group in trusted:
+            record.update(fields)
+        else:
+            reference[group] = fields[group]
+    if reference:
+        record[REFERENCE_KEY] = reference
+    return None
+
+
+def _manifest_labels(row: dict[str, Any], given: dict[str, Any]) -> str | None:
+    """Add the row's normalised labels to `given` (group -> fields); a problem as text."""
     try:
         for name in LABEL_COLUMNS:
             value = row.get(name)
@@ -150,16 +191,16 @@ def _apply_manifest_fields(record: dict[str, Any], row: dict[str, Any]) -> str |
                 continue
             normalised = labels.normalise(name, str(value))
             if name == "language":
-                record.update(language=normalised, language_origin="manifest")
+                given[name] = {"language": normalised, "language_origin": "manifest"}
             else:
-                record.update({name: normalised, f"{name}_score": 1.0, f"{name}_model": "manifest"})
+                given[name] = {name: normalised, f"{name}_score": 1.0, f"{name}_model": "manifest"}
         events = row.get("events")
         if isinstance(events, str):  # CSV: "cough;laugh"; an empty cell says nothing
             events = [e.strip() for e in events.replace(";", ",").split(",") if e.strip()] or None
         if events is not None:  # an explicit empty list is ground truth too: nothing was heard
             if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
                 return f"events must be a list of names, got {events!r}"
-            record.update(events=labels.normalise_events(events), events_score=1.0, events_model="manifest")
+            given["events"] = {"events": labels.normalise_events(events), "events_score": 1.0, "events_model": "manifest"}
     except labels.LabelError as err:
         return str(err)
     return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from echat.labelers.metrics import speaking_rate
 from echat.labelers.text_match import PhraseMatch, count_phrases, find_phrases, mask
-from echat.model.evaluate import language_of, normalize_transcript
+from echat.schemas.scoring import language_of, normalize_transcript
 from echat.schemas.text import count_cjk, has_cjk
 from echat.synth.reasoning import guess_language
 
