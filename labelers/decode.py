@@ -34,11 +34,12 @@ from echat.schemas.record import SAMPLE_RATE
 from echat.schemas.stage import Reject, Stage
 
 AUDIO_BYTES_KEY = "_audio_bytes"
+SOURCE_PATH_KEY = "_source_path"  # where a source says the file is; `source_uri` is relative to the input root
 
 
 class DecodeAudio(Stage):
     name: ClassVar[str] = "decode"
-    reads: ClassVar[tuple[str, ...]] = ("source_uri", AUDIO_BYTES_KEY)
+    reads: ClassVar[tuple[str, ...]] = ("source_uri", SOURCE_PATH_KEY, AUDIO_BYTES_KEY)
     writes: ClassVar[tuple[str, ...]] = (
         "_waveform",
         "sampling_rate",
@@ -68,7 +69,7 @@ class DecodeAudio(Stage):
     def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
         source = record.get(AUDIO_BYTES_KEY)
         if source is None:
-            source = record.get("source_uri")
+            source = record.get(SOURCE_PATH_KEY) or record.get("source_uri")
             if not source:
                 yield self.reject(record, "missing_file", "record has neither source_uri nor audio bytes")
                 return
@@ -81,7 +82,9 @@ class DecodeAudio(Stage):
                 quality=self.resample_quality,
             )
         except AudioError as exc:
-            yield self.reject(record, exc.reason, exc.detail)
+            # Rejects are published: name the file as the record does, not by this machine's path.
+            detail = exc.detail.replace(str(source), str(record.get("source_uri"))) if isinstance(source, str) else exc.detail
+            yield self.reject(record, exc.reason, detail)
             return
 
         # `load_audio` has already resampled, but no sample can get lost that way: a NaN or an

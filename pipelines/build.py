@@ -134,6 +134,7 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
 
     from .graph import build_graph, stage_specs, write_list
     from .progress import ProgressLine
+    from .sources import SOURCE_PATH_KEY
     from .sources import list_sources
     from .summary import make_summary, read_counters
 
@@ -148,6 +149,9 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     records, source_rejects = _dedupe(listing.records)
     source_rejects += [r.to_dict() for r in listing.rejects]
 
+    # Where each source was read from: the one place its full path is kept (shards carry it relative).
+    _write_text(FileSystems.join(work_dir, "sources.jsonl"), "".join(
+        json.dumps({"source_uri": r["source_uri"], "path": r.get(SOURCE_PATH_KEY)}, ensure_ascii=False) + "\n" for r in records))
     tallies_path = FileSystems.join(work_dir, "tallies.json")
     accuracy_path = FileSystems.join(work_dir, "label_accuracy.json")
     shards_path = FileSystems.join(work_dir, "shards.json")
@@ -274,16 +278,16 @@ def _dedupe(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[d
     """The same source listed twice would write the same segments twice: keep the first."""
     from echat.schemas.stage import Reject
 
-    from .sources import STAGE
+    from .sources import SOURCE_PATH_KEY, STAGE
 
     seen, kept, rejects = set(), [], []
     for record in records:
         uri = record["source_uri"]
-        if uri in seen:
+        if record.get(SOURCE_PATH_KEY, uri) in seen:
             duplicate = Reject(source_uri=uri, stage=STAGE, reason="duplicate_source", detail="listed more than once; kept the first")
             rejects.append(duplicate.to_dict())
             continue
-        seen.add(uri)
+        seen.add(record.get(SOURCE_PATH_KEY, uri))
         kept.append(record)
     return kept, rejects
 

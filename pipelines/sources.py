@@ -6,6 +6,10 @@ optional `text`, `language`, `speaker`, `gender`, `age`, `emotion`, `events`, `s
 A manifest row that cannot become a record (no path, a label outside the vocabulary) becomes a
 Reject of stage "source" instead, so it is counted and never lost.
 
+Each record's `source_uri` is the file's path relative to the input root (the folder, or the
+manifest's folder), so shards, rejects and ids carry no path of the building machine and a corpus
+moved elsewhere keeps its ids; the full location travels as the working key `_source_path`.
+
 Listing runs in the driver through Beam's FileSystems, so `gs://` folders and manifests work
 the same as local ones.
 """
@@ -19,6 +23,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
+from echat.labelers.decode import SOURCE_PATH_KEY
 from echat.schemas import labels
 from echat.schemas.stage import Reject
 
@@ -74,7 +79,7 @@ def _list(input_path: str, *, dataset_name: str, license: str | None, trust_mani
     if lowered.endswith(AUDIO_EXTENSIONS):  # one audio file
         if not FileSystems.exists(input_path):
             raise FileNotFoundError(f"input not found: {input_path}")
-        return SourceListing(records=[_base_record(input_path, dataset_name, license)])
+        return SourceListing(records=[_base_record(input_path, dataset_name, license, _dirname(input_path))])
     if not FileSystems.exists(input_path):
         raise FileNotFoundError(f"input not found: {input_path}")
     if not _is_folder(input_path):
@@ -101,7 +106,7 @@ def _list_folder(folder: str, *, dataset_name: str, license: str | None) -> Sour
     listing = SourceListing()
     for path in paths:
         if path.lower().endswith(AUDIO_EXTENSIONS):
-            listing.records.append(_base_record(path, dataset_name, license))
+            listing.records.append(_base_record(path, dataset_name, license, folder))
         else:
             listing.skipped_files += 1
     return listing
@@ -115,7 +120,7 @@ def _read_manifest(manifest: str, *, dataset_name: str, license: str | None, tru
     base_dir = posixpath.dirname(manifest) if "://" in manifest else _local_dirname(manifest)
     listing = SourceListing()
     for line_no, row in _manifest_rows(manifest, text):
-        where = f"{manifest}:{line_no}"
+        where = f"{posixpath.basename(manifest)}:{line_no}"  # published: no path of this machine
         try:
             outcome = _row_to_record(row, where, base_dir, dataset_name, license, trust_manifest)
         except Exception as exc:  # noqa: BLE001 - one odd row must not stop the build
@@ -133,10 +138,10 @@ def _row_to_record(row, where: str, base_dir: str, dataset_name: str, license: s
         detail = f"row has no path (a string in one of {', '.join(PATH_KEYS)}): {json.dumps(row, ensure_ascii=False)[:300]}"
         return Reject(source_uri=where, stage=STAGE, reason="manifest_row_invalid", detail=detail)
     uri = _resolve(given.strip(), base_dir)
-    record = _base_record(uri, dataset_name, license)
+    record = _base_record(uri, dataset_name, license, base_dir)
     problem = _apply_manifest_fields(record, row, trust_manifest)
     if problem:
-        return Reject(source_uri=uri, stage=STAGE, reason="invalid_label", detail=f"{where}: {problem}")
+        return Reject(source_uri=record["source_uri"], stage=STAGE, reason="invalid_label", detail=f"{where}: {problem}")
     return record
 
 
@@ -206,8 +211,34 @@ def _manifest_labels(row: dict[str, Any], given: dict[str, Any]) -> str | None:
     return None
 
 
-def _base_record(uri: str, dataset_name: str, license: str | None) -> dict[str, Any]:
-    return {"source_uri": uri, "source_dataset": dataset_name, "license": license}
+def _base_record(uri: str, dataset_name: str, license: str | None, root: str) -> dict[str, Any]:
+    """A source's first record: `source_uri` relative to the input root (what shards, rejects and
+    ids carry, so a moved corpus keeps its ids), the readable location as `_source_path`."""
+    return {"source_uri": relative_uri(uri, root), SOURCE_PATH_KEY: uri, "source_dataset": dataset_name, "license": license}
+
+
+def relative_uri(uri: str, root: str) -> str:
+    """`uri` relative to `root` (posix separators). A file outside the root becomes
+    `external/<hash of its folder>/<name>`: stable, unique, and no path of this machine."""
+    import hashlib
+    import os
+
+    if "://" in uri or "://" in root:
+        base = root.rstrip("/") + "/"
+        if uri.startswith(base):
+            return uri[len(base):]
+        folder, name = posixpath.split(uri)
+    else:
+        absolute, base = os.path.abspath(uri), os.path.abspath(root)
+        if os.path.commonpath([absolute, base]) == base and absolute != base:
+            return os.path.relpath(absolute, base).replace(os.sep, "/")
+        folder, name = os.path.split(absolute)
+    digest = hashlib.sha1(folder.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return f"external/{digest}/{name}"
+
+
+def _dirname(path: str) -> str:
+    return posixpath.dirname(path) if "://" in path else _local_dirname(path)
 
 
 def _local_dirname(path: str) -> str:

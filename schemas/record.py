@@ -40,8 +40,8 @@ class Field:
 
 FIELDS: tuple[Field, ...] = (
     # identity and provenance
-    Field("id", STRING, "Stable id: hash of source_uri and segment bounds.", nullable=False),
-    Field("source_uri", STRING, "The input file's path or URI as given.", nullable=False),
+    Field("id", STRING, "Stable id: hash of source_uri (relative to the input root) and segment bounds, so a moved corpus keeps its ids.", nullable=False),
+    Field("source_uri", STRING, "The input file's path relative to the input root (a folder, or a manifest's folder); a file outside it is external/<hash of its folder>/<name>.", nullable=False),
     Field("source_dataset", STRING, "Name of the source corpus or manifest."),
     Field("license", STRING, "License of the source audio, when known."),
     # the user's turn

@@ -18,7 +18,8 @@ def test_folder_is_searched_recursively_for_audio(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     listing = list_sources(str(tmp_path), dataset_name="d", license="cc-by-4.0")
     uris = [r["source_uri"] for r in listing.records]
-    assert sorted(p.rsplit("/", 1)[1] for p in uris) == ["a.wav", "b.FLAC", "c.mp3"]
+    assert uris == ["a.wav", "x/b.FLAC", "x/y/c.mp3"]  # relative to the input root
+    assert [r["_source_path"] for r in listing.records] == [str(tmp_path / u) for u in uris]
     assert listing.skipped_files == 1
     assert all(r["source_dataset"] == "d" and r["license"] == "cc-by-4.0" for r in listing.records)
 
@@ -38,23 +39,27 @@ def test_jsonl_manifest_fields_and_relative_paths(tmp_path):
     listing = list_sources(str(manifest), dataset_name="d", license=None)
     first, second, fourth = listing.records
     assert fourth["events"] == [] and fourth["events_model"] == "manifest"
-    assert first["source_uri"] == str(tmp_path / "audio" / "one.wav")
+    assert first["source_uri"] == "audio/one.wav" and first["_source_path"] == str(tmp_path / "audio" / "one.wav")
     assert first["transcript"] == "I lost my keys" and first["transcript_origin"] == "manifest"
     assert first["language"] == "en" and first["language_origin"] == "manifest"
     assert (first["gender"], first["gender_model"], first["gender_score"]) == ("female", "manifest", 1.0)
     assert first["emotion"] == "sad" and first["events"] == ["cough"]
-    assert second["source_uri"] == "/abs/two.wav" and "transcript" not in second and "events" not in second
+    # outside the manifest's folder: a stable name that carries no path of this machine
+    assert second["source_uri"].startswith("external/") and second["source_uri"].endswith("/two.wav")
+    assert "abs" not in second["source_uri"] and second["_source_path"] == "/abs/two.wav"
+    assert "transcript" not in second and "events" not in second
     reasons = sorted(r.reason for r in listing.rejects)
     assert reasons == ["invalid_label", "manifest_row_invalid", "manifest_row_invalid"]
     bad_label = next(r for r in listing.rejects if r.reason == "invalid_label")
-    assert "furious" in bad_label.detail and bad_label.source_uri.endswith("three.wav")
+    assert "furious" in bad_label.detail and bad_label.source_uri == "three.wav"
+    assert {r.source_uri for r in listing.rejects if r.reason == "manifest_row_invalid"} == {"manifest.jsonl:5", "manifest.jsonl:6"}
 
 
 def test_csv_manifest(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("audio,text,language\nclip.wav,hello there,en\n")
     listing = list_sources(str(manifest), dataset_name="d", license=None)
-    assert listing.records[0]["source_uri"] == str(tmp_path / "clip.wav")
+    assert listing.records[0]["source_uri"] == "clip.wav"
     assert listing.records[0]["transcript"] == "hello there"
 
 
@@ -85,14 +90,25 @@ def test_manifests_with_a_byte_order_mark(tmp_path):
     jsonl_manifest.write_bytes(("\ufeff" + json.dumps({"path": "clip.wav"}) + "\n").encode("utf-8"))
     for manifest in (csv_manifest, jsonl_manifest):
         listing = list_sources(str(manifest), dataset_name="d", license=None)
-        assert not listing.rejects and listing.records[0]["source_uri"] == str(tmp_path / "clip.wav")
+        assert not listing.rejects and listing.records[0]["source_uri"] == "clip.wav"
 
 
 def test_single_audio_file_and_unknown_input_types(tmp_path):
     clip = _touch(tmp_path / "one.wav")
     listing = list_sources(str(clip), dataset_name="d", license=None)
-    assert [r["source_uri"] for r in listing.records] == [str(clip)]
+    assert [(r["source_uri"], r["_source_path"]) for r in listing.records] == [("one.wav", str(clip))]
     other = tmp_path / "data.json"
     other.write_text("{}")
     with pytest.raises(ValueError, match="not a folder, an audio file"):
         list_sources(str(other), dataset_name="d", license=None)
+
+
+def test_the_same_corpus_in_another_place_gets_the_same_ids_and_uris(tmp_path):
+    from echat.schemas.record import record_id
+
+    for place in ("here", "there/deeper"):
+        _touch(tmp_path / place / "corpus" / "a" / "x.wav")
+    here = list_sources(str(tmp_path / "here" / "corpus"), dataset_name="d", license=None).records
+    there = list_sources(str(tmp_path / "there" / "deeper" / "corpus"), dataset_name="d", license=None).records
+    assert [r["source_uri"] for r in here] == [r["source_uri"] for r in there] == ["a/x.wav"]
+    assert record_id(here[0]["source_uri"], 0.0, 1.0) == record_id(there[0]["source_uri"], 0.0, 1.0)
