@@ -25,6 +25,7 @@ Reject reason codes:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -34,7 +35,9 @@ from echat.schemas.record import SAMPLE_RATE
 from echat.schemas.stage import Reject, Stage
 
 AUDIO_BYTES_KEY = "_audio_bytes"
-SOURCE_PATH_KEY = "_source_path"  # where a source says the file is; `source_uri` is relative to the input root
+# Where a source says the file is: text, or bytes for a name that is not UTF-8; `source_uri` is
+# relative to the input root.
+SOURCE_PATH_KEY = "_source_path"
 
 
 class DecodeAudio(Stage):
@@ -70,6 +73,8 @@ class DecodeAudio(Stage):
         source = record.get(AUDIO_BYTES_KEY)
         if source is None:
             source = record.get(SOURCE_PATH_KEY) or record.get("source_uri")
+            if isinstance(source, bytes):  # a file name that is not UTF-8, as the file system spells it
+                source = os.fsdecode(source)
             if not source:
                 yield self.reject(record, "missing_file", "record has neither source_uri nor audio bytes")
                 return

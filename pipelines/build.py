@@ -134,7 +134,7 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
 
     from .graph import build_graph, stage_specs, write_list
     from .progress import ProgressLine
-    from .sources import SOURCE_PATH_KEY
+    from .sources import SOURCE_PATH_KEY, printable_name
     from .sources import list_sources
     from .summary import make_summary, read_counters
 
@@ -143,15 +143,18 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     data_dir, rejects_dir, work_dir = (FileSystems.join(out, d) for d in ("data", "rejects", "_work"))
     # The input is checked before the output is touched, so a mistyped input leaves nothing behind.
     options = pipeline_options(profile, beam_args, verbose=verbose)
+    FileSystems.set_options(options)  # s3:// needs its endpoint and keys before the driver lists or writes
     listing = list_sources(input_path, dataset_name=profile.dataset_name, license=profile.license,
-                           trust_manifest=profile.trust_manifest, language=profile.language)
+                           trust_manifest=profile.trust_manifest, language=profile.language,
+                           manifest_encoding=profile.manifest_encoding)
     _prepare_output(out, [data_dir, rejects_dir, work_dir], overwrite)
     records, source_rejects = _dedupe(listing.records)
     source_rejects += [r.to_dict() for r in listing.rejects]
 
     # Where each source was read from: the one place its full path is kept (shards carry it relative).
     _write_text(FileSystems.join(work_dir, "sources.jsonl"), "".join(
-        json.dumps({"source_uri": r["source_uri"], "path": r.get(SOURCE_PATH_KEY)}, ensure_ascii=False) + "\n" for r in records))
+        json.dumps({"source_uri": r["source_uri"], "path": printable_name(r.get(SOURCE_PATH_KEY) or "")}, ensure_ascii=False) + "\n"
+        for r in records))
     tallies_path = FileSystems.join(work_dir, "tallies.json")
     accuracy_path = FileSystems.join(work_dir, "label_accuracy.json")
     shards_path = FileSystems.join(work_dir, "shards.json")
@@ -190,6 +193,7 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
         "beam_args": redact_flags(beam_args),
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "non_audio_files_skipped": listing.skipped_files,
+        "skipped_in_input": dict(listing.skipped),
         "paths": {"data": data_dir, "rejects": rejects_dir, "summary": FileSystems.join(out, "summary.json"), "log": log_path},
     }
     summary, per_source = make_summary(

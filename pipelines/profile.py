@@ -96,6 +96,7 @@ class Profile(_Strict):
     # The language of records that do not say (a folder of audio without a manifest), e.g. "en";
     # null leaves it to a language-ID stage, and unset languages are flagged `language_unknown`.
     language: str | None = None
+    manifest_encoding: str = "utf-8"  # of a .jsonl/.csv manifest (e.g. latin-1 for an old spreadsheet's CSV)
     # Which source wins a field that several could fill, best first (schemas/stage_runner.py): a
     # stage writes a label group only when it is empty or held by a source ranked below its own.
     precedence: list[str] = Field(default_factory=lambda: list(DEFAULT_PRECEDENCE))
@@ -113,6 +114,17 @@ class Profile(_Strict):
             unknown = [g for g in value if g not in LABEL_GROUPS]
             if unknown:
                 raise ValueError(f"unknown field(s) {unknown}; trust_manifest lists some of {', '.join(LABEL_GROUPS)}")
+        return value
+
+    @field_validator("manifest_encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown encoding {value!r}") from None
         return value
 
     @field_validator("language")

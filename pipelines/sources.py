@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import posixpath
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,18 +42,27 @@ LABEL_COLUMNS = ("gender", "age", "emotion", "style", "language")
 class SourceListing:
     records: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
-    skipped_files: int = 0  # non-audio files found in a folder (manifests, text, images)
+    # what a folder held besides audio, by kind: "non-audio files", "folders named like audio files"...
+    skipped: Counter = field(default_factory=Counter)
+
+    def skip(self, kind: str) -> None:
+        self.skipped[kind] += 1
+
+    @property
+    def skipped_files(self) -> int:
+        return self.skipped["non-audio files"]
 
 
 def list_sources(input_path: str, *, dataset_name: str, license: str | None, trust_manifest=True,
-                 language: str | None = None) -> SourceListing:
+                 language: str | None = None, manifest_encoding: str = "utf-8") -> SourceListing:
     """Records for every audio file named by `input_path` (a folder or a manifest).
 
     `trust_manifest`: True, False, or the label groups (schemas.record.LABEL_GROUPS) whose manifest
     values are taken as given; the manifest's other values become each record's `_reference`.
     `language`: given to every record that has none (origin "profile").
     """
-    listing = _list(input_path, dataset_name=dataset_name, license=license, trust_manifest=_trusted(trust_manifest))
+    listing = _list(input_path, dataset_name=dataset_name, license=license, trust_manifest=_trusted(trust_manifest),
+                    encoding=manifest_encoding)
     if language:
         for record in listing.records:
             if record.get("language") is None:
@@ -68,14 +78,16 @@ def _trusted(trust_manifest) -> frozenset[str]:
     return frozenset(trust_manifest or ())
 
 
-def _list(input_path: str, *, dataset_name: str, license: str | None, trust_manifest: frozenset[str]) -> SourceListing:
+def _list(input_path: str, *, dataset_name: str, license: str | None, trust_manifest: frozenset[str],
+          encoding: str) -> SourceListing:
     from apache_beam.io.filesystems import FileSystems
 
     lowered = input_path.lower()
     if lowered.endswith(MANIFEST_EXTENSIONS):
         if not FileSystems.exists(input_path):
             raise FileNotFoundError(f"manifest not found: {input_path}")
-        return _read_manifest(input_path, dataset_name=dataset_name, license=license, trust_manifest=trust_manifest)
+        return _read_manifest(input_path, dataset_name=dataset_name, license=license, trust_manifest=trust_manifest,
+                              encoding=encoding)
     if lowered.endswith(AUDIO_EXTENSIONS):  # one audio file
         if not FileSystems.exists(input_path):
             raise FileNotFoundError(f"input not found: {input_path}")
@@ -99,24 +111,100 @@ def _is_folder(path: str) -> bool:
 
 
 def _list_folder(folder: str, *, dataset_name: str, license: str | None) -> SourceListing:
-    from apache_beam.io.filesystems import FileSystems
-
-    pattern = FileSystems.join(folder.rstrip("/"), "**")
-    paths = sorted(m.path for result in FileSystems.match([pattern]) for m in result.metadata_list)
     listing = SourceListing()
-    for path in paths:
-        if path.lower().endswith(AUDIO_EXTENSIONS):
-            listing.records.append(_base_record(path, dataset_name, license, folder))
-        else:
-            listing.skipped_files += 1
+    if "://" in folder:
+        from apache_beam.io.filesystems import FileSystems
+
+        pattern = FileSystems.join(folder.rstrip("/"), "**")
+        paths = sorted(m.path for result in FileSystems.match([pattern]) for m in result.metadata_list)
+        for path in paths:
+            _add_path(listing, path, folder, dataset_name, license)
+    else:
+        _walk_local(listing, folder, dataset_name, license)
+    if not listing.records and not listing.rejects:
+        found = ", ".join(f"{n} {what}" for what, n in sorted(listing.skipped.items())) or "nothing"
+        raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in {folder}: found {found}")
     return listing
 
 
-def _read_manifest(manifest: str, *, dataset_name: str, license: str | None, trust_manifest: frozenset[str]) -> SourceListing:
+def _add_path(listing: SourceListing, path: str, root: str, dataset_name: str, license: str | None) -> None:
+    if path.lower().endswith(AUDIO_EXTENSIONS):
+        listing.records.append(_base_record(path, dataset_name, license, root))
+    else:
+        listing.skip("non-audio files")
+
+
+def _walk_local(listing: SourceListing, folder: str, dataset_name: str, license: str | None) -> None:
+    """Every audio file below `folder`, in sorted order, without following folder links (so a link
+    loop cannot trap the listing). What is not a regular audio file is counted by kind; a FIFO or
+    device named like audio is rejected, since it would block or never end when read."""
+    import os
+    import stat
+
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name, reverse=True)
+        except OSError as exc:
+            listing.skip(f"unreadable folders ({type(exc).__name__})")
+            continue
+        for entry in entries:
+            audio_name = entry.name.lower().endswith(AUDIO_EXTENSIONS)
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                    if audio_name:
+                        listing.skip("folders named like audio files")
+                    continue
+                if entry.is_symlink() and entry.is_dir():  # a link to a folder: not followed
+                    listing.skip("links to folders (not followed)")
+                    continue
+                mode = entry.stat().st_mode  # follows a file link; a dangling or looping link raises
+            except OSError:
+                listing.skip("broken or looping links")
+                continue
+            if not audio_name:
+                listing.skip("non-audio files")
+            elif not stat.S_ISREG(mode):
+                uri = relative_uri(entry.path, folder)
+                listing.rejects.append(Reject(source_uri=uri, stage=STAGE, reason="not_a_regular_file",
+                                              detail=f"{uri} is a {_file_kind(mode)}, not a regular file"))
+            else:
+                listing.records.append(_base_record(entry.path, dataset_name, license, folder))
+    listing.records.sort(key=lambda r: r["source_uri"])
+
+
+def _file_kind(mode: int) -> str:
+    import stat
+
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _decode_manifest(manifest: str, data: bytes, encoding: str) -> str:
+    """The manifest's text; a byte that is not `encoding` is an error naming line, column and byte."""
+    codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding  # -sig: a spreadsheet's BOM
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ValueError(
+            f"manifest {manifest} is not {encoding}: line {line}, column {column} holds byte 0x{data[exc.start]:02x}; "
+            f"if the file is in another encoding (a spreadsheet's latin-1 CSV, say), pass --set manifest_encoding=latin-1"
+        ) from None
+
+
+def _read_manifest(manifest: str, *, dataset_name: str, license: str | None, trust_manifest: frozenset[str],
+                   encoding: str = "utf-8") -> SourceListing:
     from apache_beam.io.filesystems import FileSystems
 
     with FileSystems.open(manifest) as handle:
-        text = io.TextIOWrapper(handle, encoding="utf-8-sig").read()  # -sig: spreadsheets write a BOM
+        text = _decode_manifest(manifest, handle.read(), encoding)
     base_dir = posixpath.dirname(manifest) if "://" in manifest else _local_dirname(manifest)
     listing = SourceListing()
     for line_no, row in _manifest_rows(manifest, text):
@@ -214,12 +302,35 @@ def _manifest_labels(row: dict[str, Any], given: dict[str, Any]) -> str | None:
 def _base_record(uri: str, dataset_name: str, license: str | None, root: str) -> dict[str, Any]:
     """A source's first record: `source_uri` relative to the input root (what shards, rejects and
     ids carry, so a moved corpus keeps its ids), the readable location as `_source_path`."""
-    return {"source_uri": relative_uri(uri, root), SOURCE_PATH_KEY: uri, "source_dataset": dataset_name, "license": license}
+    return {"source_uri": relative_uri(uri, root), SOURCE_PATH_KEY: _codable(uri), "source_dataset": dataset_name, "license": license}
+
+
+def _codable(path: str) -> str | bytes:
+    """A path as Beam can carry it: text, or the file system's bytes for a name that is not UTF-8
+    (Beam encodes text as UTF-8, which a surrogate-escaped name cannot be)."""
+    import os
+
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
 
 
 def relative_uri(uri: str, root: str) -> str:
     """`uri` relative to `root` (posix separators). A file outside the root becomes
-    `external/<hash of its folder>/<name>`: stable, unique, and no path of this machine."""
+    `external/<hash of its folder>/<name>`: stable, unique, and no path of this machine.
+    Bytes of a file name that are not UTF-8 are written as `\\xNN` (lossless, and valid text)."""
+    return printable_name(_relative(uri, root))
+
+
+def printable_name(name: str | bytes) -> str:
+    """A file name as valid UTF-8 text: undecodable bytes (surrogate escapes) become `\\xNN`."""
+    raw = name if isinstance(name, bytes) else name.encode("utf-8", "surrogateescape")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _relative(uri: str, root: str) -> str:
     import hashlib
     import os
 

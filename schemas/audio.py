@@ -165,7 +165,19 @@ def _opener(source: Source):
         raise AudioError("missing_file", f"{what}: {path}")
     if os.path.getsize(path) == 0:
         raise AudioError("empty_file", f"0 bytes: {path}")
+    if not _utf8_encodable(path):  # libsndfile and FFmpeg take names as UTF-8: read such a file ourselves
+        with open(path, "rb") as handle:
+            data = handle.read()
+        return (lambda: io.BytesIO(data)), path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return (lambda: path), path
+
+
+def _utf8_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _uri_opener(uri: str):

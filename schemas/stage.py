@@ -52,10 +52,10 @@ class Reject:
     @classmethod
     def of(cls, record: dict[str, Any], stage: str, reason: str, detail: str) -> "Reject":
         return cls(
-            source_uri=str(record.get("source_uri", "")),
+            source_uri=_text(record.get("source_uri", "")),
             stage=stage,
             reason=reason,
-            detail=str(detail)[:2000],
+            detail=_text(detail)[:2000],
             segment_start=record.get("segment_start"),
             segment_end=record.get("segment_end"),
             id=record.get("id"),
@@ -63,6 +63,11 @@ class Reject:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _text(value: Any) -> str:
+    """Valid UTF-8 text: a rejects file must be writable whatever a file name or message held."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # What a stage returns for one input: its outputs (records and Rejects of pieces), or its Reject.

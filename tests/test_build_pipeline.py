@@ -218,3 +218,22 @@ def test_missing_input_leaves_no_output_behind(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "not found" in proc.stderr and str(missing) in proc.stderr
     assert not out.exists()
+
+
+def test_a_folder_with_a_non_utf8_name_a_fifo_and_link_loops_builds_the_rest(demo_corpus, local_profile, tmp_path):
+    import os
+    import shutil
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    clip = sorted((demo_corpus / "audio").glob("*_en_*.wav"))[0]
+    shutil.copy(clip, folder / "good.wav")
+    shutil.copy(clip, folder / os.fsdecode(b"caf\xe9.wav"))  # latin-1 bytes: not a UTF-8 name
+    os.mkfifo(folder / "pipe.wav")
+    os.symlink("loop-b", folder / "loop-a")
+    os.symlink("loop-a", folder / "loop-b")
+    summary = build(local_profile("language=en"), str(folder), str(tmp_path / "out"), overwrite=True)
+    assert summary["reconciliation"]["ok"], summary["reconciliation"]["mismatches"]
+    assert {Path(r["source_uri"]).name for r in _rows(tmp_path / "out")} == {"good.wav", "caf\\xe9.wav"}
+    assert [(r["source_uri"], r["reason"]) for r in _rejects(tmp_path / "out")] == [("pipe.wav", "not_a_regular_file")]
+    assert summary["skipped_in_input"] == {"broken or looping links": 2}

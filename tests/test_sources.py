@@ -112,3 +112,40 @@ def test_the_same_corpus_in_another_place_gets_the_same_ids_and_uris(tmp_path):
     there = list_sources(str(tmp_path / "there" / "deeper" / "corpus"), dataset_name="d", license=None).records
     assert [r["source_uri"] for r in here] == [r["source_uri"] for r in there] == ["a/x.wav"]
     assert record_id(here[0]["source_uri"], 0.0, 1.0) == record_id(there[0]["source_uri"], 0.0, 1.0)
+
+
+def test_hostile_folder_entries_are_built_rejected_or_counted_and_never_stop_the_listing(tmp_path):
+    import os
+
+    _touch(tmp_path / "good.wav")
+    odd = os.fsdecode(b"bad\xffname.wav")  # a name that is not UTF-8
+    _touch(tmp_path / odd)
+    os.mkfifo(tmp_path / "fifo.wav")
+    (tmp_path / "folder.wav").mkdir()
+    os.symlink("loop2", tmp_path / "loop1")
+    os.symlink("loop1", tmp_path / "loop2")
+    os.symlink(".", tmp_path / "self")
+    listing = list_sources(str(tmp_path), dataset_name="d", license=None)
+    assert [r["source_uri"] for r in listing.records] == ["bad\\xffname.wav", "good.wav"]  # escaped, lossless
+    odd_record = listing.records[0]
+    assert os.fsdecode(odd_record["_source_path"]) == str(tmp_path / odd)  # the bytes, to read it by
+    (fifo,) = listing.rejects
+    assert (fifo.source_uri, fifo.reason) == ("fifo.wav", "not_a_regular_file") and "FIFO" in fifo.detail
+    assert listing.skipped == {"folders named like audio files": 1, "broken or looping links": 2,
+                               "links to folders (not followed)": 1}
+
+
+def test_a_folder_without_audio_is_an_error_saying_what_it_found(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    (tmp_path / "x.wav").mkdir()
+    with pytest.raises(ValueError, match=r"no audio files .* found 1 folders named like audio files, 1 non-audio files"):
+        list_sources(str(tmp_path), dataset_name="d", license=None)
+
+
+def test_a_manifest_that_is_not_utf8_names_line_column_and_byte_or_reads_with_its_encoding(tmp_path):
+    manifest = tmp_path / "sheet.csv"
+    manifest.write_bytes("path,text\nclip.wav,caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"sheet.csv is not utf-8: line 2, column 13 holds byte 0xe9.*manifest_encoding=latin-1"):
+        list_sources(str(manifest), dataset_name="d", license=None)
+    (record,) = list_sources(str(manifest), dataset_name="d", license=None, manifest_encoding="latin-1").records
+    assert record["transcript"] == "café au lait"
