@@ -133,6 +133,7 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     from apache_beam.io.filesystems import FileSystems
 
     from .graph import build_graph, stage_specs, write_list
+    from .graph import stage_order as graph_stage_order
     from .progress import ProgressLine
     from .sources import SOURCE_PATH_KEY, printable_name
     from .sources import list_sources
@@ -184,7 +185,7 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     tallies.update(source_reject_tallies(source_rejects))
     shard_list = _read_json(shards_path)
     label_accuracy = _read_json(accuracy_path)
-    stage_order = [s.slot for s in specs]
+    stage_order = graph_stage_order(profile)
     context = {
         "profile": profile.name,
         "input": input_path,

@@ -23,6 +23,7 @@ import apache_beam as beam
 from echat.schemas.stage_runner import RetryPolicy
 
 from .accuracy import LabelAccuracyFn
+from .dedup import AUDIO_SLOT, STEPS, TRANSCRIPT_SLOT, Dedup
 from .profile import Profile
 from .rows import EncodeRow
 from .shards import WriteShards
@@ -49,6 +50,30 @@ def stage_specs(profile: Profile) -> list[StageSpec]:
         ))
     specs.append(StageSpec(ENCODE_SLOT, None, {}, factory=EncodeRow, precedence=precedence))
     return specs
+
+
+def stage_order(profile: Profile) -> list[str]:
+    """Every step that counts and tallies like a stage, in build order (the lineage rule's chain)."""
+    slots = [spec.slot for spec in stage_specs(profile)]
+    if profile.dedup.audio:
+        slots.insert(1, AUDIO_SLOT)
+    if profile.dedup.transcripts:
+        slots.insert(slots.index(_transcript_dedup_place(stage_specs(profile))), TRANSCRIPT_SLOT)
+    return slots
+
+
+def _transcript_dedup_place(specs: list[StageSpec]) -> str:
+    """The slot the transcript dedup runs before: the quality filter if there is one, else encode."""
+    slots = [spec.slot for spec in specs]
+    return "filter" if "filter" in slots else ENCODE_SLOT
+
+
+def _dedup(current, kind: str, rejects: list, tallies: list):
+    slot, key_of, reason, what = STEPS[kind]
+    current, step_rejects, step_tallies = current | Dedup(slot, key_of, reason, what)
+    rejects.append(step_rejects)
+    tallies.append(step_tallies)
+    return current
 
 
 def _with_cache_dir(class_path: str, params: dict[str, Any], cache_dir: str) -> dict[str, Any]:
@@ -124,7 +149,10 @@ def build_graph(
     rejects = []
 
     specs = stage_specs(profile)
+    transcript_dedup_before = _transcript_dedup_place(specs) if profile.dedup.transcripts else None
     for i, spec in enumerate(specs):
+        if spec.slot == transcript_dedup_before:
+            current = _dedup(current, "transcripts", rejects, tallies)
         if spec.slot == ENCODE_SLOT and accuracy_path:  # labels are final here; encoding drops `_reference`
             (current
              | "LabelAccuracy" >> beam.CombineGlobally(LabelAccuracyFn())
@@ -134,6 +162,8 @@ def build_graph(
         tallies.append(stage_tallies)
         if i == 0:  # the decoder: what each source file held
             tallies.append(current | "TallySourceAudio" >> beam.Map(_tally("decoded", "_source_duration")))
+            if profile.dedup.audio:
+                current = _dedup(current, "audio", rejects, tallies)
         if spec.splits:
             current = current | f"SpreadAfter[{spec.slot}]" >> beam.Reshuffle()
 

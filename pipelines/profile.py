@@ -63,6 +63,14 @@ class StageEntry(_Strict):
         return self.kind or self.slot
 
 
+class DedupOptions(_Strict):
+    """Drop duplicates as rejects (pipelines/dedup.py): identical decoded audio anywhere in the
+    corpus (right after decoding), a transcript repeated within one source (before the filter)."""
+
+    audio: bool = False
+    transcripts: bool = False
+
+
 class OutputOptions(_Strict):
     rows_per_shard: int = 500
     max_shard_bytes: int = 256 * 1024 * 1024
@@ -104,6 +112,7 @@ class Profile(_Strict):
     retry: RetryOptions = Field(default_factory=RetryOptions)
     # The build's stages, in order. Adding a stage is one entry here.
     stages: list[StageEntry]
+    dedup: DedupOptions = Field(default_factory=DedupOptions)
     output: OutputOptions = Field(default_factory=OutputOptions)
     beam: BeamOptions = Field(default_factory=BeamOptions)
 
