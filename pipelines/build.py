@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a profile value, e.g. --set vad.params.threshold=0.4 (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards and rejects already in OUTPUT")
     parser.add_argument("--quiet", action="store_true", help="no progress line; warnings only")
+    parser.add_argument("--no-validate", action="store_true", help="skip the Great Expectations validation at the end")
     parser.add_argument("--verbose", action="store_true", help="Beam's own log lines on the console instead of OUT/_work/beam.log")
     parser.epilog = "Other --flags are passed to Beam as pipeline options."
 
@@ -54,8 +55,31 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"echat build: {exc}", file=sys.stderr)
         return 2
+    if summary.get("dry_run"):
+        print(summary["message"])
+        return 0
     print_report(summary, args.output)
-    return 0 if summary["reconciliation"]["ok"] else 1
+    validated = True if args.no_validate else validate_output(args.output)
+    return 0 if summary["reconciliation"]["ok"] and validated else 1
+
+
+def validate_output(output: str) -> bool:
+    """Run the Great Expectations suites over a finished build and print the verdict.
+
+    A build in a bucket is validated with `echat validate` on a local copy (the suites read local
+    shards), so this says so and passes.
+    """
+    if "://" in output:
+        print(f"  validation: skipped for {output} (copy the build down and run `echat validate`)")
+        return True
+    import logging
+
+    from echat.validation import validate_build
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines are about temp folders
+    result = validate_build(output)
+    print(result.verdict())
+    return result.success
 
 
 def pipeline_options(profile, beam_args: list[str], *, verbose: bool = True):
@@ -131,9 +155,11 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     """
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import TestOptions
 
     from .graph import build_graph, stage_specs, write_list
     from .graph import stage_order as graph_stage_order
+    from .preflight import check_runnable
     from .progress import ProgressLine
     from .sources import SOURCE_PATH_KEY, printable_name
     from .sources import list_sources
@@ -145,23 +171,27 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     # The input is checked before the output is touched, so a mistyped input leaves nothing behind.
     options = pipeline_options(profile, beam_args, verbose=verbose)
     FileSystems.set_options(options)  # s3:// needs its endpoint and keys before the driver lists or writes
+    check_runnable(profile, options, input_path, out)  # a run that cannot start says so before any work
+    dry_run = bool(options.view_as(TestOptions).dry_run)  # build (and for Dataflow, validate) the job; run nothing
     listing = list_sources(input_path, dataset_name=profile.dataset_name, license=profile.license,
                            trust_manifest=profile.trust_manifest, language=profile.language,
                            manifest_encoding=profile.manifest_encoding)
-    _prepare_output(out, [data_dir, rejects_dir, work_dir], overwrite)
+    if not dry_run:
+        _prepare_output(out, [data_dir, rejects_dir, work_dir], overwrite)
     records, source_rejects = _dedupe(listing.records)
     source_rejects += [r.to_dict() for r in listing.rejects]
 
     # Where each source was read from: the one place its full path is kept (shards carry it relative).
-    _write_text(FileSystems.join(work_dir, "sources.jsonl"), "".join(
-        json.dumps({"source_uri": r["source_uri"], "path": printable_name(r.get(SOURCE_PATH_KEY) or "")}, ensure_ascii=False) + "\n"
-        for r in records))
+    if not dry_run:
+        _write_text(FileSystems.join(work_dir, "sources.jsonl"), "".join(
+            json.dumps({"source_uri": r["source_uri"], "path": printable_name(r.get(SOURCE_PATH_KEY) or "")}, ensure_ascii=False) + "\n"
+            for r in records))
     tallies_path = FileSystems.join(work_dir, "tallies.json")
     accuracy_path = FileSystems.join(work_dir, "label_accuracy.json")
     shards_path = FileSystems.join(work_dir, "shards.json")
     specs = stage_specs(profile)
     local_workers = _runs_here(options)
-    log_path = _log_path(out, work_dir)
+    log_path = os.path.join(tempfile.mkdtemp(prefix="echat-build-"), "beam.log") if dry_run else _log_path(out, work_dir)
     with tempfile.TemporaryDirectory(prefix="echat-progress-") as progress_dir, \
             console_logging(log_path, verbose=verbose) as console:
         logging.getLogger("echat.build").info(
@@ -177,9 +207,16 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
         line = ProgressLine(progress_dir, total_files=len(records), first_slot=specs[0].slot, split_slot=split,
                             last_slot=specs[-1].slot, stream=console) if show_progress and local_workers else contextlib.nullcontext()
         with line:
-            result = pipeline.run()
-            result.wait_until_finish()
+            if dry_run and local_workers:  # the direct runner has no dry run of its own: the graph is built, not run
+                result = None
+            else:
+                result = pipeline.run()
+                if not local_workers:
+                    _say_job(result, console)
+                result.wait_until_finish()
     wall = time.time() - started
+    if dry_run:
+        return _dry_run_summary(options, result, records, source_rejects, specs, out)
 
     tallies = _read_json(tallies_path)
     tallies.update(source_reject_tallies(source_rejects))
@@ -213,6 +250,30 @@ def _runs_here(options) -> bool:
     from apache_beam.options.pipeline_options import StandardOptions
 
     return (options.view_as(StandardOptions).runner or "DirectRunner") in ("DirectRunner", "direct")
+
+
+def _say_job(result, console) -> None:
+    """A remote runner's job id on the console (its INFO lines go to the log)."""
+    job_id = getattr(result, "job_id", None)
+    if callable(job_id):
+        with contextlib.suppress(Exception):
+            print(f"echat build: submitted job {job_id()}; waiting for it to finish", file=console)
+
+
+def _dry_run_summary(options, result, records, source_rejects, specs, out: str) -> dict[str, Any]:
+    """What a dry run did: the job graph was built (and, on Dataflow, translated and its options
+    checked by Beam), and nothing ran or was written."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    job = getattr(result, "job", None)
+    job_name = getattr(getattr(job, "proto", None), "name", None)
+    slots = [s.slot for s in specs]
+    checked = f"translated for {runner} and its options checked (job {job_name})" if job_name else "built"
+    message = (f"echat build: dry run: the job graph for {len(records)} sources ({len(source_rejects)} source rejects) "
+               f"through {', '.join(slots)} was {checked}; nothing ran and nothing was written to {out}")
+    return {"dry_run": True, "runner": runner, "job_name": job_name, "sources": len(records),
+            "source_rejects": len(source_rejects), "stages": slots, "output": out, "message": message}
 
 
 def _log_path(out: str, work_dir: str) -> str:
@@ -300,15 +361,46 @@ def _dedupe(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[d
 def _prepare_output(out: str, dirs: list[str], overwrite: bool) -> None:
     from apache_beam.io.filesystems import FileSystems
 
-    existing = [d for d in dirs if FileSystems.exists(d)]
+    existing = [d for d in dirs if _folder_exists(d)]
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds a build ({', '.join(existing)}); pass --overwrite to replace it")
     # the old summary goes too: were this run to fail, it must not stand beside the new data
     stale = [FileSystems.join(out, name) for name in ("summary.json", "reconciliation.jsonl")]
-    for path in existing + [p for p in stale if FileSystems.exists(p)]:
-        FileSystems.delete([path])
+    for path in existing:
+        _delete_folder(path)
+    for path in stale:
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
     for d in dirs:
         FileSystems.mkdirs(d)
+
+
+def _folder_exists(path: str) -> bool:
+    """A local folder, or on an object store (no folders there) a prefix with anything below it."""
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems.exists(path) or ("://" in path and bool(_files_below(path, limit=1)))
+
+
+def _files_below(path: str, limit: int | None = None) -> list[str]:
+    from apache_beam.io.filesystems import FileSystems
+
+    pattern = FileSystems.join(path.rstrip("/"), "**")
+    return [m.path for r in FileSystems.match([pattern], limits=None if limit is None else [limit]) for m in r.metadata_list]
+
+
+def _delete_folder(path: str) -> None:
+    """Delete a folder and everything in it: on an object store, every object under the prefix."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if "://" not in path:
+        FileSystems.delete([path])
+        return
+    below = _files_below(path)
+    if below:
+        FileSystems.delete(below)
+    if FileSystems.exists(path):  # a placeholder object named like the folder
+        FileSystems.delete([path])
 
 
 def _read_json(path: str):

@@ -1,7 +1,8 @@
 """`echat quickstart [OUT]`: the README's first command.
 
 Synthesizes the demo corpus (espeak-ng) into OUT/demo-corpus, builds it on the offline profile
-into OUT/build, and says where the shards, the rejects and the summary are. The manifest's
+into OUT/build, validates it, writes the quality report, and says where the shards, the rejects,
+the summary and the report are. The manifest's
 transcripts are used; its labels are the reference the labelers are scored against.
 """
 
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from echat.synth.demo_corpus import DemoDataError, make_demo_corpus
     from echat.synth.espeak_tts import EspeakError
 
-    from .build import build, print_report
+    from .build import build, print_report, validate_output
     from .profile import ProfileError, load_profile
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
@@ -57,4 +58,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"echat quickstart: {exc}", file=sys.stderr)
         return 2
     print_report(summary, str(out / "build"))
-    return 0 if summary["reconciliation"]["ok"] else 1
+    validated = validate_output(str(out / "build"))
+    from echat.validation.report import write_report
+
+    page = write_report(out / "build")
+    print(f"  report:  {page}  (open it in a browser; it needs no server)")
+    return 0 if summary["reconciliation"]["ok"] and validated else 1

@@ -9,6 +9,8 @@ need_apt=()
 command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)
 # torchcodec (datasets' Audio decoding) needs FFmpeg's shared libraries; ffmpeg brings them.
 command -v ffmpeg >/dev/null 2>&1 || need_apt+=(ffmpeg)
+# The quality report's test opens the page in a real headless browser (tests/browser.py).
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} (apt)"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
