@@ -2,7 +2,8 @@
 
 A folder is searched recursively for audio files. A manifest is `.jsonl` or `.csv` with a `path`
 column (`audio` or `wav` accepted too; relative paths are relative to the manifest's folder) and
-optional `text`, `language`, `speaker`, `gender`, `age`, `emotion`, `events`, `style` columns.
+optional `text`, `language`, `speaker`, `gender`, `age`, `emotion`, `events`, `style` and
+`source_kind` (real or synthetic; default real) columns.
 A manifest row that cannot become a record (no path, a label outside the vocabulary) becomes a
 Reject of stage "source" instead, so it is counted and never lost.
 
@@ -257,6 +258,11 @@ def _apply_manifest_fields(record: dict[str, Any], row: dict[str, Any], trusted:
     `record`; the other groups' values go to `record["_reference"]`. A problem as text."""
     if row.get("speaker"):
         record["speaker"] = str(row["speaker"])
+    if row.get("source_kind"):  # how the row's audio came to be: a property of the source, always kept
+        try:
+            record["source_kind"] = labels.normalise("source_kind", str(row["source_kind"]))
+        except labels.LabelError as err:
+            return str(err)
     given: dict[str, Any] = {}  # group -> fields, as a trusted group writes them
     text = row.get("text") or row.get("transcript") or row.get("txt")
     if text:
@@ -302,7 +308,8 @@ def _manifest_labels(row: dict[str, Any], given: dict[str, Any]) -> str | None:
 def _base_record(uri: str, dataset_name: str, license: str | None, root: str) -> dict[str, Any]:
     """A source's first record: `source_uri` relative to the input root (what shards, rejects and
     ids carry, so a moved corpus keeps its ids), the readable location as `_source_path`."""
-    return {"source_uri": relative_uri(uri, root), SOURCE_PATH_KEY: _codable(uri), "source_dataset": dataset_name, "license": license}
+    return {"source_uri": relative_uri(uri, root), SOURCE_PATH_KEY: _codable(uri), "source_dataset": dataset_name,
+            "source_kind": "real", "license": license}
 
 
 def _codable(path: str) -> str | bytes:

@@ -60,6 +60,7 @@ ALIASES: dict[str, dict[str, str]] = {
         "surprised": "SURPRISE", "disgusted": "DISGUST",
     },
     "task": {},
+    "source_kind": {"recorded": "real", "tts": "synthetic", "synthesized": "synthetic", "synthesised": "synthetic"},
 }
 
 

@@ -21,6 +21,7 @@ from . import vocab
 
 SCHEMA_VERSION = "1.0"
 SAMPLE_RATE = 16_000  # Hz: every audio column (user turn and reply) is stored at this rate.
+SOURCE_KINDS = ("real", "synthetic")
 
 # Kinds of column. Each maps to one pyarrow type and one datasets feature.
 STRING, FLOAT, DOUBLE, INT, BOOL = "string", "float32", "float64", "int32", "bool"
@@ -43,6 +44,7 @@ FIELDS: tuple[Field, ...] = (
     Field("id", STRING, "Stable id: hash of source_uri (relative to the input root) and segment bounds, so a moved corpus keeps its ids.", nullable=False),
     Field("source_uri", STRING, "The input file's path relative to the input root (a folder, or a manifest's folder); a file outside it is external/<hash of its folder>/<name>.", nullable=False),
     Field("source_dataset", STRING, "Name of the source corpus or manifest."),
+    Field("source_kind", STRING, "real: recorded speech; synthetic: a query written and spoken for chosen cues.", allowed=SOURCE_KINDS),
     Field("license", STRING, "License of the source audio, when known."),
     # the user's turn
     Field("audio", AUDIO, "The user's speech: FLAC bytes at 16 kHz mono (HF audio struct).", nullable=False),
