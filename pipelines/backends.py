@@ -18,16 +18,32 @@ BACKENDS: dict[str, dict[str, str]] = {
     },
     "vad": {
         "silero": "echat.labelers.vad:SileroVAD",
+        "fsmn-vad": "echat.labelers.funasr_vad:FsmnVAD",
+        "pyannote": "echat.labelers.pyannote_vad:PyannoteVAD",
+    },
+    "diarize": {
+        "pyannote": "echat.labelers.diarize:PyannoteDiarization",
     },
     "asr": {
         "pocketsphinx": "echat.labelers.asr:PocketsphinxASR",
         "manifest": "echat.labelers.asr:ManifestTranscript",
+        "sensevoice": "echat.labelers.sensevoice:SenseVoiceASR",
+        "paraformer": "echat.labelers.paraformer:ParaformerASR",
+        "whisper": "echat.labelers.whisper_asr:WhisperASR",
     },
     "gender": {
         "pitch": "echat.labelers.gender:PitchGender",
     },
+    "age_gender": {
+        "wav2vec2-age-gender": "echat.labelers.age_gender:Wav2Vec2AgeGender",
+    },
     "emotion": {
         "heuristic": "echat.labelers.emotion:HeuristicEmotion",
+        "emotion2vec": "echat.labelers.emotion2vec:Emotion2vecEmotion",
+    },
+    "style": {
+        "keywords": "echat.labelers.style:KeywordStyle",
+        "openai": "echat.labelers.style:OpenAIStyle",
     },
     "metrics": {
         "acoustic": "echat.labelers.metrics:AcousticMetrics",
