@@ -66,7 +66,8 @@ def read_totals(progress_dir: str) -> dict[str, dict[str, float]]:
 class ProgressLine:
     """Prints `files 120/240 | segments 118 | rows 100 | 0.21 h audio | 95x real time | ETA 12 s`.
 
-    On a terminal the line is rewritten in place; otherwise a line is printed every `plain_every_s`.
+    On a terminal the line is rewritten in place every second; otherwise a line is printed every
+    `plain_every_s`. Either way the final state is printed when the run ends.
     """
 
     def __init__(self, progress_dir: str, *, total_files: int, first_slot: str, split_slot: str | None,
@@ -87,8 +88,8 @@ class ProgressLine:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=5)
-        if self.tty:
-            self.stream.write("\n")
+        # The last state, always: on a terminal it completes the live line, in a log it is the line.
+        self.stream.write(("\r" + self.line().ljust(100) if self.tty else self.line()) + "\n")
         self.stream.flush()
 
     def line(self) -> str:

@@ -124,3 +124,19 @@ def test_unknown_flags_are_errors_and_beam_flags_pass(local_profile):
 def test_secret_looking_flag_values_are_redacted():
     flags = ["--project=p1", "--api_key=sk-123", "--hf_token", "hf_abc", "--region", "eu"]
     assert redact_flags(flags) == ["--project=p1", "--api_key=***", "--hf_token", "***", "--region", "eu"]
+
+
+def test_progress_line_sums_the_workers_reports_and_prints_the_final_state(tmp_path):
+    import io
+    import json
+
+    from echat.pipelines.progress import ProgressLine
+
+    (tmp_path / "101.json").write_text(json.dumps({"decode": {"in": 3, "out": 3, "audio_s": 1800.0}, "vad": {"out": 5}}))
+    (tmp_path / "102.json").write_text(json.dumps({"decode": {"in": 1, "out": 1, "audio_s": 1800.0}, "encode": {"out": 6}}))
+    (tmp_path / "103.json.tmp").write_text("{half-written")  # a report being replaced is not read
+    stream = io.StringIO()
+    with ProgressLine(str(tmp_path), total_files=8, first_slot="decode", split_slot="vad", last_slot="encode", stream=stream):
+        pass
+    line = stream.getvalue().strip()
+    assert line.startswith("files 4/8 | segments 5 | rows 6 | 1.000 h audio | ") and "x real time | ETA " in line
