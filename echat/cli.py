@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("echat.pipelines.quickstart", "make the demo corpus and build it into shards (the README's first command)"),
     "demo-data": ("echat.synth.demo_corpus", "synthesize a small demo corpus with espeak-ng"),
+    "synth-queries": ("echat.synth.queries", "synthetic user turns spoken for chosen cues (child, elderly, emotions, coughs...), as a manifest"),
     "build": ("echat.pipelines.build", "build EChat-style parquet shards from raw audio (Beam)"),
     "validate": ("echat.validation.validate", "check a build against the Great Expectations suites made from the schema"),
     "report": ("echat.validation.report", "write the quality report (HTML with plots) of a build"),

@@ -57,6 +57,14 @@ BACKENDS: dict[str, dict[str, str]] = {
     },
     "tts": {
         "espeak": "echat.synth.espeak_tts:EspeakTTS",
+        "openai": "echat.synth.openai_tts:OpenAISpeechTTS",
+        "cosyvoice": "echat.synth.cosyvoice_tts:CosyVoiceTTS",
+    },
+    "reply_check": {
+        "asr": "echat.synth.reply_check:ReplyBackCheck",
+    },
+    "speech_tokens": {
+        "cosyvoice-onnx": "echat.synth.speech_tokens:CosyVoiceSpeechTokens",
     },
 }
 

@@ -93,6 +93,8 @@ FIELDS: tuple[Field, ...] = (
     Field("reply_speech_tokens", INTS, "Speech tokens of the reply (CosyVoice 25 Hz, 4096 codes), when made."),
     Field("llm_model", STRING, "What wrote the reply and reasoning."),
     Field("tts_model", STRING, "What spoke the reply."),
+    Field("reply_check_error", FLOAT, "Error rate of an ASR transcript of `reply_audio` against `reply_text` (WER; CER for Chinese), when back-checked.", min=0.0, max=10.0),
+    Field("reply_check_model", STRING, "The ASR that back-checked `reply_audio`."),
     Field("speech_tokenizer_model", STRING, "What made `reply_speech_tokens`."),
     Field("prompt_version", STRING, "Version of the reply prompt or template."),
     # training metadata
