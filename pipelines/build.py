@@ -155,7 +155,7 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     """
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
-    from apache_beam.options.pipeline_options import TestOptions
+    from apache_beam.options.pipeline_options import StandardOptions, TestOptions
 
     from .graph import build_graph, stage_specs, write_list
     from .graph import stage_order as graph_stage_order
@@ -167,11 +167,11 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
 
     started = time.time()
     out = output.rstrip("/")
-    data_dir, rejects_dir, work_dir = (FileSystems.join(out, d) for d in ("data", "rejects", "_work"))
     # The input is checked before the output is touched, so a mistyped input leaves nothing behind.
     options = pipeline_options(profile, beam_args, verbose=verbose)
     FileSystems.set_options(options)  # s3:// needs its endpoint and keys before the driver lists or writes
     check_runnable(profile, options, input_path, out)  # a run that cannot start says so before any work
+    data_dir, rejects_dir, work_dir = (FileSystems.join(out, d) for d in ("data", "rejects", "_work"))
     dry_run = bool(options.view_as(TestOptions).dry_run)  # build (and for Dataflow, validate) the job; run nothing
     listing = list_sources(input_path, dataset_name=profile.dataset_name, license=profile.license,
                            trust_manifest=profile.trust_manifest, language=profile.language,
@@ -205,7 +205,8 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
         write_list(shards, shards_path, "Shards")
         split = next((s.slot for s in specs if s.splits), None)
         line = ProgressLine(progress_dir, total_files=len(records), first_slot=specs[0].slot, split_slot=split,
-                            last_slot=specs[-1].slot, stream=console) if show_progress and local_workers else contextlib.nullcontext()
+                            last_slot=specs[-1].slot, stream=console) \
+            if show_progress and local_workers and not dry_run else contextlib.nullcontext()
         with line:
             if dry_run and local_workers:  # the direct runner has no dry run of its own: the graph is built, not run
                 result = None
@@ -227,7 +228,7 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
         "profile": profile.name,
         "input": input_path,
         "output": out,
-        "runner": profile.beam.runner,
+        "runner": options.view_as(StandardOptions).runner or profile.beam.runner,  # --runner may override the profile
         "beam_args": redact_flags(beam_args),
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "non_audio_files_skipped": listing.skipped_files,

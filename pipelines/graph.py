@@ -177,7 +177,9 @@ def build_graph(
     (
         all_rejects
         | "RejectsJson" >> beam.Map(lambda r: json.dumps(r, ensure_ascii=False, sort_keys=True))
-        | "WriteRejects" >> beam.io.WriteToText(rejects_prefix, file_name_suffix=".jsonl", shard_name_template="-SSSSS-of-NNNNN")
+        # skip_if_empty: no rejects, no file (S3 cannot hold Beam's empty file, apache/beam#21369)
+        | "WriteRejects" >> beam.io.WriteToText(rejects_prefix, file_name_suffix=".jsonl", shard_name_template="-SSSSS-of-NNNNN",
+                                                skip_if_empty=True)
     )
     (
         tallies
