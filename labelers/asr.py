@@ -13,15 +13,56 @@ as paths). It writes:
                          word posteriors and tends to 0 for any sentence, so it says little
   words                  [{word, start, end, score}], seconds from the segment start, score being
                          the word's posterior
-  language               "en", with language_origin "assumed", when the record had none
+  language               "en", with language_origin "assumed" and the quality flag `language_assumed`,
+                         when the record had none (set the profile's `language:` to say it)
 Records in another language keep transcript None and get the quality flag
 `no_asr_for_language:<lang>`; an empty hypothesis gets the flag `asr_empty`. The pipeline's filter
 decides what to do with those.
 
 The default language model is a general one and transcribes synthetic or noisy speech poorly
-(71-80% WER measured on espeak speech: tests/test_labelers_asr.py, benchmarks/bench_labelers.py):
-use it as a fallback, not a source of truth. Records in languages it has no model for are not
-guessed at, but a record with no language at all is assumed English (there is no offline LID).
+(56-80% WER measured on espeak speech: tests/test_labelers_asr.py, benchmarks/bench_labelers.py,
+benchmarks/bench_label_accuracy.py): use it as a fallback, not a source of truth. Records in
+languages it has no model for are not guessed at, but a record with no language at all is assumed
+English (there is no offline LID).
+
+Speed (`preset`). On raw speech with no manifest, pocketsphinx is most of the offline build's time.
+Its search settings were measured on the VAD segments of English demo files (`echat demo-data`,
+espeak voices with emotional prosody; transcripts known), CPU time of the decoder on one core, WER
+over the files (jiwer, punctuation removed); first on 60 files (223 s), then the candidates on the
+next 120 files (466 s):
+  settings (pocketsphinx 5.1.1 names)                  60 files: x RT  WER   120 files: x RT  WER
+  defaults (beam 1e-48, wbeam 7e-29, maxhmmpf 30000,
+    pl_window 5, pl_weight 3, lw 6.5, topn 4, ds 1)                6.1  56%             6.0  58%
+  fwdflat on (second pass)                                         4.2  57%
+  bestpath off (no lattice rescoring)                              6.6  62%
+  ds 2 (senones every other frame)                                 6.3  66%
+  topn 2                                                           6.8  64%
+  pl_window 0 (no phone-loop lookahead) / 10                       3.9 / 5.3  57% / 56%
+  maxhmmpf 3000 / 2000 / 1000                                      9.4 / 10.8 / 14.0  58 / 63 / 70%
+  beam 1e-30, pbeam 1e-30, wbeam 1e-20                            26.0  89%
+  lw 10                                                           10.5  68%
+  maxhmmpf 2000, maxwpf 10, pl_window 3, ds 2                     15.6  70%
+  pl_weight 8                                                     12.4  59%             12.3  61%
+  pl_weight 10                                                                         14.8  60%
+  pl_weight 10, maxhmmpf 4000 ("fast")                                                 16.0  60%
+  pl_weight 12                                                    18.1  61%            17.2  64%
+  pl_weight 14                                                                         19.1  67%
+The phone-loop lookahead's weight is the knob that pays: at the same speed, narrower beams or fewer
+HMMs per frame cost far more WER (it prunes word candidates whose phones the next frames do not
+support). So:
+  "fast"      pl_weight 10 and maxhmmpf 4000 (the cap bounds the search on noise, where the active
+              HMMs multiply): about 2.6x the speed of the defaults for 2-3.5 points of WER on the
+              demo files;
+  "accurate"  pocketsphinx's own search settings (what the stage ran before it had presets).
+On all 360 English files of the 480-file corpus (428 VAD pieces, 1,379 s;
+benchmarks/bench_label_accuracy.py): accurate 6.0x and 56.7%, fast 15.7x and 60.2%; the
+raw-speech offline build of those files (no manifest, one core) ran at 7.2x real time with accurate
+and 17.3x with fast. The cost in WER depends on the speech: on 48 plainer espeak sentences
+(benchmarks/bench_labelers.py's 8 sentences read by en+f3, en+m3, en+f5, en+m7, en-us+f2, en-us+m1
+at espeak's default prosody) accurate gave 5.5x and 69%, fast 15.4x and 75%, pl_weight 8 alone
+11.7x and 70%. "fast" is the default because it is what brings the raw-speech offline build to 10x
+real time on one core; choose "accurate" when ASR time does not matter.
+`decoder_options` are applied over the preset, so any single setting can still be changed.
 """
 
 from __future__ import annotations
@@ -39,8 +80,15 @@ from .flags import add_flag
 from .vad import SPLIT_FLAG
 
 ASR_EMPTY_FLAG = "asr_empty"
+LANGUAGE_ASSUMED_FLAG = "language_assumed"
 NO_ASR_FLAG_PREFIX = "no_asr_for_language:"
 _ALTERNATE_PRONUNCIATION = re.compile(r"\(\d+\)$")  # "to(3)" -> "to"
+# Search settings by preset (the module docstring has the measurements behind them).
+PRESETS: dict[str, dict[str, Any]] = {
+    "accurate": {},
+    "fast": {"pl_weight": 10.0, "maxhmmpf": 4000},
+}
+DEFAULT_PRESET = "fast"
 
 
 class ManifestTranscript(Stage):
@@ -91,7 +139,11 @@ class PocketsphinxASR(Stage):
         dictionary: str | None = None,
         fwdflat: bool = False,
         decoder_options: dict[str, Any] | None = None,
+        preset: str = DEFAULT_PRESET,
     ):
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        self.preset = preset
         # hmm/lm/dictionary None: the US-English model inside the pocketsphinx wheel.
         self.hmm, self.lm, self.dictionary = hmm, lm, dictionary
         # pocketsphinx's second (flat-lexicon) search pass. Off by default: on 10 espeak sentences
@@ -114,6 +166,7 @@ class PocketsphinxASR(Stage):
             "dither": True,
             "seed": 1,
             "fwdflat": self.fwdflat,
+            **PRESETS[self.preset],
             **self.decoder_options,
         }
         for key, path in (("hmm", self.hmm), ("lm", self.lm), ("dict", self.dictionary)):
@@ -157,6 +210,7 @@ class PocketsphinxASR(Stage):
         words = self.transcribe(record["_waveform"])
         if language is None:
             out["language"], out["language_origin"] = "en", "assumed"
+            add_flag(out, LANGUAGE_ASSUMED_FLAG)  # no profile language and no LID: say it was a guess
         if not words:
             add_flag(out, ASR_EMPTY_FLAG)
             yield out

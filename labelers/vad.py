@@ -6,10 +6,16 @@ One input record (a whole file) becomes one record per speech segment:
      cut by silero itself at its longest pause near the limit).
   2. Neighbouring spans closer than `merge_gap_s` are merged, as long as the result still fits in
      `max_segment_s` with its padding.
-  3. A span still too long (continuous speech) is split at its quietest 10 ms frame.
-  4. Each segment is padded by `pad_s` on both sides, never past the file or half-way into the gap
+  3. A turn longer than `max_turn_s` (default 15 s, from its first to its last speech, before
+     padding) is cut at its longest internal pause, and each side again until every piece fits or
+     has no pause left: a conversation read with short pauses between its turns does not become one
+     long "user turn". Speech with no pause that silero reports (pauses shorter than
+     `min_silence_s` do not end a span) is left to step 4. `max_turn_s: null` turns this off.
+  4. A span still too long for `max_segment_s` (continuous speech) is split at its quietest 10 ms
+     frame.
+  5. Each segment is padded by `pad_s` on both sides, never past the file or half-way into the gap
      to its neighbour, so segments never overlap.
-  5. Segments shorter than `min_segment_s` leave as rejects `segment_too_short` (nothing vanishes).
+  6. Segments shorter than `min_segment_s` leave as rejects `segment_too_short` (nothing vanishes).
 A file with no speech at all is rejected as `no_speech`.
 
 Each segment record carries `segment_start`/`segment_end` (seconds in the source), `duration`,
@@ -18,7 +24,10 @@ and `_speech_spans`: the speech intervals inside the segment, in seconds from it
 
 A transcript on the input (from a manifest) belongs to the whole file. With
 `keep_transcribed_whole` (the default) such a file is not cut at its pauses when all its speech
-fits in one segment, so the transcript stays aligned with the audio. It is kept when the file
+fits in one segment, so the transcript stays aligned with the audio; the turn bound of step 3 does
+not apply to it either (the manifest says the file is one utterance, and cutting it would trade a
+given transcript for an ASR guess), so a transcribed file of up to `max_segment_s` stays whole
+(every demo corpus file is far shorter than 15 s, so none is cut either way). It is kept when the file
 yields exactly one segment (counting the too-short ones); when the file is split it is cleared on
 every piece, with `words`, `transcript_origin` and `transcript_confidence`, and the piece gets the
 quality flag `manifest_transcript_dropped_split` so that ASR fills it.
@@ -57,6 +66,7 @@ from .flags import add_flag
 TRANSCRIPT_FIELDS = ("transcript", "transcript_origin", "transcript_confidence", "words")
 SPLIT_FLAG = "manifest_transcript_dropped_split"
 ENERGY_FRAME_S = 0.01  # frame of the energy curve used to find the quietest split point
+MAX_TURN_S = 15.0  # a turn longer than this is cut at its longest pause (step 3 of the docstring)
 Span = tuple[float, float]
 
 RUNTIMES = ("jit", "onnx")
@@ -103,6 +113,7 @@ class SileroVAD(Stage):
         min_speech_s: float = 0.25,
         keep_transcribed_whole: bool = True,
         runtime: str = "jit",
+        max_turn_s: float | None = MAX_TURN_S,
     ):
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
@@ -114,6 +125,9 @@ class SileroVAD(Stage):
             raise ValueError(f"max_segment_s ({max_segment_s}) leaves too little room after padding (pad_s={pad_s})")
         if min_segment_s > max_segment_s:
             raise ValueError(f"min_segment_s ({min_segment_s}) exceeds max_segment_s ({max_segment_s})")
+        if max_turn_s is not None and max_turn_s <= 0:
+            raise ValueError(f"max_turn_s must be positive (or null to turn the turn bound off), got {max_turn_s}")
+        self.max_turn_s = None if max_turn_s is None else float(max_turn_s)
         self.threshold = float(threshold)
         self.min_silence_s = float(min_silence_s)
         self.merge_gap_s = float(merge_gap_s)
@@ -225,9 +239,10 @@ class SileroVAD(Stage):
             yield self.reject(record, "no_speech", f"no speech above threshold {self.threshold} in {total:.2f} s")
             return
 
-        merge_gap_s = self.merge_gap_s
+        merge_gap_s, max_turn_s = self.merge_gap_s, getattr(self, "max_turn_s", MAX_TURN_S)
         if self.keep_transcribed_whole and (record.get("transcript") or "").strip():
             merge_gap_s = float("inf")  # merge every pause, as long as the result fits a segment
+            max_turn_s = None  # and keep the manifest's one utterance whole (module docstring)
         segments = plan_segments(
             spans,
             total,
@@ -235,6 +250,7 @@ class SileroVAD(Stage):
             merge_gap_s=merge_gap_s,
             max_segment_s=self.max_segment_s,
             pad_s=self.pad_s,
+            max_turn_s=max_turn_s,
         )
         split = len(segments) > 1
         uri = str(record.get("source_uri", ""))
@@ -274,18 +290,24 @@ def plan_segments(
     merge_gap_s: float,
     max_segment_s: float,
     pad_s: float,
+    max_turn_s: float | None = None,
 ) -> list[Span]:
-    """Segments (seconds, padded) from raw speech spans: merge, split what is too long, pad."""
+    """Segments (seconds, padded) from raw speech spans: merge, cut turns longer than `max_turn_s`
+    at their longest pauses, split what is still too long, pad (the module docstring's steps 2-5)."""
     budget = max_segment_s - 2 * pad_s  # room for speech once the padding is added
-    merged: list[Span] = []
+    groups: list[list[Span]] = []  # the raw spans of each merged span
     for start, end in spans:
-        if merged and start - merged[-1][1] < merge_gap_s and end - merged[-1][0] <= budget:
-            merged[-1] = (merged[-1][0], end)
+        if groups and start - groups[-1][-1][1] < merge_gap_s and end - groups[-1][0][0] <= budget:
+            groups[-1].append((start, end))
         else:
-            merged.append((start, end))
+            groups.append([(start, end)])
+
+    turns: list[Span] = []
+    for group in groups:
+        turns.extend(cut_long_turn(group, max_turn_s) if max_turn_s is not None else [(group[0][0], group[-1][1])])
 
     fitted: list[Span] = []
-    for span in merged:
+    for span in turns:
         fitted.extend(_split_long(span, budget, waveform))
 
     padded: list[Span] = []
@@ -294,6 +316,17 @@ def plan_segments(
         hi = total_s if i == len(fitted) - 1 else (end + fitted[i + 1][0]) / 2
         padded.append((max(lo, start - pad_s), min(hi, end + pad_s)))
     return padded
+
+
+def cut_long_turn(spans: list[Span], max_turn_s: float) -> list[Span]:
+    """The turn made of `spans` (sorted speech spans, merged as one) as one span, or, when it lasts
+    longer than `max_turn_s`, cut at its longest pause between spans, each side again in turn."""
+    start, end = spans[0][0], spans[-1][1]
+    if end - start <= max_turn_s or len(spans) == 1:
+        return [(start, end)]
+    gaps = [spans[i + 1][0] - spans[i][1] for i in range(len(spans) - 1)]
+    k = int(np.argmax(gaps))  # the first of equally long pauses
+    return cut_long_turn(spans[: k + 1], max_turn_s) + cut_long_turn(spans[k + 1 :], max_turn_s)
 
 
 def _split_long(span: Span, budget: float, waveform: np.ndarray | None) -> list[Span]:

@@ -20,6 +20,7 @@ BACKENDS: dict[str, dict[str, str]] = {
         "silero": "echat.labelers.vad:SileroVAD",
         "fsmn-vad": "echat.labelers.funasr_vad:FsmnVAD",
         "pyannote": "echat.labelers.pyannote_vad:PyannoteVAD",
+        "webrtc": "echat.labelers.webrtc_vad:WebrtcVAD",
     },
     "diarize": {
         "pyannote": "echat.labelers.diarize:PyannoteDiarization",
@@ -34,12 +35,18 @@ BACKENDS: dict[str, dict[str, str]] = {
     "gender": {
         "pitch": "echat.labelers.gender:PitchGender",
     },
+    "age": {
+        "pitch": "echat.labelers.age:PitchAge",
+    },
     "age_gender": {
         "wav2vec2-age-gender": "echat.labelers.age_gender:Wav2Vec2AgeGender",
     },
     "emotion": {
         "heuristic": "echat.labelers.emotion:HeuristicEmotion",
         "emotion2vec": "echat.labelers.emotion2vec:Emotion2vecEmotion",
+    },
+    "events": {
+        "heuristic": "echat.labelers.events:HeuristicEvents",
     },
     "style": {
         "keywords": "echat.labelers.style:KeywordStyle",

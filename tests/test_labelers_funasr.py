@@ -609,11 +609,11 @@ def test_backends_are_one_profile_line_each():
 def test_local_profile_takes_the_funasr_backends(local_profile):
     # silero's own params (threshold...) are not FSMN's: the entry's params are replaced, not merged
     profile = local_profile("vad.backend=fsmn-vad", "vad.params={}", "vad.params.min_silence_s=0.5",
-                            "asr.backend=sensevoice", "asr.params.device=cpu", "emotion.backend=emotion2vec",
+                            "asr.backend=sensevoice", "asr.params={}", "asr.params.device=cpu", "emotion.backend=emotion2vec",
                             "emotion.params.hub=hf")
     backends = {e.slot: e.backend for e in profile.enabled_stages()}
     assert (backends["vad"], backends["asr"], backends["emotion"]) == ("fsmn-vad", "sensevoice", "emotion2vec")
-    paraformer_profile = local_profile("asr.backend=paraformer", "asr.params.punc_model=ct-punc")
+    paraformer_profile = local_profile("asr.backend=paraformer", "asr.params={}", "asr.params.punc_model=ct-punc")
     assert {e.slot: e.params for e in paraformer_profile.enabled_stages()}["asr"] == {"punc_model": "ct-punc"}
 
 

@@ -1,8 +1,10 @@
-"""Pitch tracking and the pitch-threshold gender labeler on real espeak voices; the stage runs under
-StageRunner as a build runs it (precedence, provenance stamping, declared writes)."""
+"""Pitch tracking and the pitch gender labeler on real espeak voices and on the demo corpus (its
+accuracy on the voices it labels, and how many it leaves unknown); the stage runs under StageRunner
+as a build runs it (precedence, provenance stamping, declared writes)."""
 
 from __future__ import annotations
 
+import labelers_demo_support as demo
 import numpy as np
 import pytest
 import test_labelers_support as speech
@@ -76,18 +78,56 @@ def test_espeak_voices_get_their_gender(gender, voice):
     record = {"source_uri": voice, "_waveform": speech.speech_for_voice(voice), "sampling_rate": SR}
     (out,) = speech.run_stage(gender, record)
     f0 = out[F0_KEY]
-    print(f"\n{voice}: median F0 {np.median(f0):.0f} Hz -> {out['gender']} ({out['gender_score']:.2f})")
+    print(f"\n{voice}: median F0 {np.median(f0):.0f} Hz -> {out.get('gender')} ({out.get('gender_score')})")
+    # At espeak's default pitch every voice here is clear of the unknown band (about 125-163 Hz).
     assert out["gender"] == expected
-    assert 0.5 < out["gender_score"] <= 0.95 and isinstance(out["gender_score"], float)
+    assert gender.min_score <= out["gender_score"] <= 0.95 and isinstance(out["gender_score"], float)
     assert out["gender_model"] == MODEL_NAME
     assert F0_KEY not in record  # the cache went on the output copy
 
 
-def test_score_is_one_half_at_the_threshold_and_rises_with_distance(gender):
-    assert gender.classify(150.0) == ("female", 0.5)
-    scores = [gender.classify(f)[1] for f in (140, 120, 100, 80, 60)]
-    assert scores == sorted(scores) and scores[-1] <= 0.95
-    assert gender.classify(212.0)[1] == pytest.approx(0.90, abs=0.01)
+def test_score_is_one_half_at_the_center_and_rises_with_distance(gender):
+    assert gender.classify(143.0) == ("female", 0.5)
+    scores = [gender.classify(f)[1] for f in (140, 130, 120, 100, 80, 60)]
+    assert scores == sorted(scores) and scores[-1] == 0.95
+    # the calibration: log-odds 8 per octave, so a fifth of an octave gives about 0.83
+    assert gender.classify(143.0 * 2 ** 0.2)[1] == pytest.approx(0.832, abs=0.002)
+    assert gender.classify(143.0 / 2 ** 0.2) == ("male", pytest.approx(0.832, abs=0.002))
+
+
+def test_a_voice_in_the_unclear_band_is_left_unknown(gender):
+    (out,) = speech.run_stage(gender, {"_waveform": harmonic_tone(150.0, 1.0), "sampling_rate": SR, "quality_flags": []})
+    assert out.get("gender") is None and out.get("gender_score") is None and out.get("gender_model") is None
+    assert out["quality_flags"] == [UNKNOWN_FLAG]
+    # a lower min_score labels it, with its honest score
+    (out,) = speech.run_stage(PitchGender(min_score=0.5), {"_waveform": harmonic_tone(150.0, 1.0), "sampling_rate": SR})
+    assert out["gender"] == "female" and 0.5 < out["gender_score"] < 0.75
+
+
+def test_accuracy_on_the_demo_corpus_voices_it_labels():
+    """At least 95% right on the demo voices it labels, leaving at most a quarter unknown; the score
+    close to the accuracy where it claims much (measured on 420 segments of the 480-file corpus:
+    364 labelled, all right; the figures are in labelers/gender.py and the benchmark)."""
+    stage = PitchGender()
+    stage.setup()
+    folder, rows = demo.corpus()
+    truth = demo.truth()
+    unheard = demo.voices_not_as_labelled(rows)
+    assert unheard == {"en-gb+f3"} or not unheard  # espeak-ng 1.51 ignores that variant; a fixed corpus has none
+    outputs = [o for o in speech.run_stage(stage, *demo.segments()) if truth[o["source_uri"]]["speaker"] not in unheard]
+    labelled = [o for o in outputs if o.get("gender")]
+    right = [o for o in labelled if o["gender"] == truth[o["source_uri"]]["gender"]]
+    unknown = len(outputs) - len(labelled)
+    accuracy = len(right) / len(labelled)
+    print(f"\ndemo corpus ({len(outputs)} segments, voices {sorted(unheard)} left out): {len(labelled)} labelled, "
+          f"accuracy {accuracy:.1%}, {unknown} unknown ({unknown / len(outputs):.0%}), mean score "
+          f"{np.mean([o['gender_score'] for o in labelled]):.3f}")
+    assert accuracy >= 0.95
+    assert unknown <= 0.25 * len(outputs)
+    assert all(UNKNOWN_FLAG in o["quality_flags"] for o in outputs if not o.get("gender"))
+    # where the score says 0.9 or more, the label is right at least 90% of the time
+    sure = [o for o in labelled if o["gender_score"] >= 0.9]
+    assert sure and sum(o in right for o in sure) >= 0.9 * len(sure)
 
 
 def test_manifest_gender_wins(gender):

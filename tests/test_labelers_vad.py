@@ -296,3 +296,85 @@ def test_bad_configuration_is_refused():
         SileroVAD(max_segment_s=0.4)
     with pytest.raises(ValueError, match="runtime"):
         SileroVAD(runtime="cuda")
+
+
+# ---------------------------------------------------------------- the long-turn cut
+
+
+def test_plan_segments_cuts_a_long_turn_at_its_longest_pauses():
+    # 4 s of speech, pauses of 0.3 s, except 0.6 s after the 3rd span and 0.5 s after the 6th.
+    spans, t = [], 0.0
+    for i in range(9):
+        spans.append((t, t + 4.0))
+        t += 4.0 + (0.6 if i == 2 else 0.5 if i == 5 else 0.3)
+    total = spans[-1][1] + 1.0
+    whole = plan_segments(spans, total, merge_gap_s=0.8, max_segment_s=60.0, pad_s=0.0)
+    assert len(whole) == 1  # no turn bound: one 39 s turn
+    cut = plan_segments(spans, total, merge_gap_s=0.8, max_segment_s=60.0, pad_s=0.0, max_turn_s=15.0)
+    # first at the 0.6 s pause (a 12.6 s and a 26 s turn), then the 26 s one at its 0.5 s pause
+    assert [(round(a, 2), round(b, 2)) for a, b in cut] == [(0.0, 12.6), (13.2, 25.8), (26.3, 38.9)]
+    # a turn within the bound, or one with no pause, is left alone
+    assert plan_segments(spans[:3], total, merge_gap_s=0.8, max_segment_s=60.0, pad_s=0.0, max_turn_s=15.0) == [(0.0, 12.6)]
+    assert plan_segments([(0.0, 20.0)], 20.0, merge_gap_s=0.8, max_segment_s=60.0, pad_s=0.0, max_turn_s=15.0) == [(0.0, 20.0)]
+
+
+@pytest.fixture(scope="module")
+def long_turn():
+    """About 40 s of espeak sentences with pauses between them short enough (under merge_gap_s) to
+    merge into one turn: about 0.4 s of silence between sounds, except two of about 0.65 s after
+    13 s and 27 s; with the audible bounds of those two (last sound before, first sound after).
+    espeak adds about 0.23 s of silence around each sentence."""
+    sentences = [*speech.SENTENCES, "I will see you again next week.", "The weather was cold and wet."]
+    parts, t, long_gaps, i = [speech.silence(0.5)], 0.5, [], 0
+    while t < 40.0:
+        sentence = speech.say(sentences[i % len(sentences)], ("en+f3", "en+m3")[i % 2])
+        first, last = speech.first_last_sound(sentence, t)
+        if long_gaps and len(long_gaps[-1]) == 1:
+            long_gaps[-1].append(first)
+        parts.append(sentence)
+        t += len(sentence) / SR
+        gap = 0.15
+        if (len(long_gaps) == 0 and t > 13.0) or (len(long_gaps) == 1 and t > 27.0):
+            gap = 0.4
+            long_gaps.append([last])
+        parts.append(speech.silence(gap))
+        t += gap
+        i += 1
+    return np.concatenate(parts), [tuple(g) for g in long_gaps]
+
+
+def test_a_40_s_turn_is_cut_at_its_longest_pauses(vad, long_turn):
+    waveform, long_pauses = long_turn
+    assert len(waveform) / SR > 40.0
+    segments = [o for o in run_vad(vad, file_record(waveform)) if not isinstance(o, Reject)]
+    print("\n" + ", ".join(f"{s['segment_start']:.2f}-{s['segment_end']:.2f}" for s in segments), long_pauses)
+    assert len(segments) == 3
+    assert all(s["duration"] <= 15.0 + 2 * vad.pad_s for s in segments)
+    for (a, b), (start, end) in zip(itertools.pairwise(segments), long_pauses):
+        # each cut falls inside one of the two long pauses, padding included
+        assert start - 0.05 <= a["segment_end"] <= b["segment_start"] <= end + 0.05
+
+    # Without the bound the same file is cut only where it no longer fits max_segment_s (30 s).
+    unbounded = SileroVAD(max_turn_s=None)
+    unbounded.setup()
+    pieces = [o for o in run_vad(unbounded, file_record(waveform)) if not isinstance(o, Reject)]
+    print(", ".join(f"{s['segment_start']:.2f}-{s['segment_end']:.2f}" for s in pieces))
+    assert len(pieces) == 2 and pieces[0]["duration"] > 25.0
+    for a, b in long_pauses:
+        assert 0.5 < b - a < vad.merge_gap_s
+
+
+def test_a_transcribed_file_within_max_segment_stays_whole(vad, long_turn):
+    waveform, long_pauses = long_turn
+    cut_at = int((long_pauses[1][0] + 0.2) * SR)  # about 27 s: longer than the turn bound, within a segment
+    record = file_record(waveform[:cut_at], transcript="the words of the whole file", transcript_origin="manifest")
+    (kept,) = run_vad(vad, record)
+    assert kept["transcript"] == "the words of the whole file" and SPLIT_FLAG not in (kept.get("quality_flags") or [])
+    # the same audio without a transcript is two turns
+    pieces = [o for o in run_vad(vad, file_record(waveform[:cut_at])) if not isinstance(o, Reject)]
+    assert len(pieces) == 2
+
+
+def test_max_turn_s_must_be_positive():
+    with pytest.raises(ValueError, match="max_turn_s"):
+        SileroVAD(max_turn_s=0.0)

@@ -8,7 +8,7 @@ from echat.pipelines.profile import ProfileError, available_profiles, load_profi
 def test_local_profile_loads_with_offline_backends():
     profile = load_profile("local")
     stages = {entry.slot: entry.backend for entry in profile.enabled_stages()}
-    assert list(stages) == ["decode", "vad", "asr", "gender", "emotion", "metrics", "filter", "reply", "tts"]
+    assert list(stages) == ["decode", "vad", "asr", "gender", "age", "emotion", "events", "metrics", "filter", "reply", "tts"]
     assert stages["vad"] == "silero" and stages["asr"] == "pocketsphinx"
     assert stages["reply"] == "template" and stages["tts"] == "espeak"
     assert "local" in available_profiles()
