@@ -54,11 +54,13 @@ def main() -> int:
         print(f"audio in: {summary['inputs']['audio_hours'] * 3600:.1f} s, rows out: {summary['outputs']['rows']}, "
               f"wall: {summary['wall_seconds']:.1f} s, x real time: {summary['x_real_time']} "
               f"(= {summary['audio_hours_per_hour']} audio hours per hour)")
-        print(f"busy seconds, all stages: {busy:.1f} s; wall / busy = {summary['wall_seconds'] / busy:.2f}")
-        print(f"{'stage':<10} {'in':>5} {'out':>5} {'rej':>4} {'busy s':>8} {'x RT':>8}")
+        print(f"busy seconds of the stages and the shard writer, set-up included: {busy:.1f} s; "
+              f"wall / busy = {summary['wall_seconds'] / busy:.2f}")
+        print(f"{'stage':<10} {'in':>5} {'out':>5} {'rej':>4} {'setup s':>8} {'busy s':>8} {'x RT':>8}")
         for stage, s in summary["stages"].items():
             xrt = "" if s["x_real_time"] is None else f"{s['x_real_time']:.1f}"
-            print(f"{stage:<10} {s['in']:>5} {s['out']:>5} {s['rejected']:>4} {s['busy_seconds']:>8.2f} {xrt:>8}")
+            print(f"{stage:<10} {s['in']:>5} {s['out']:>5} {s['rejected']:>4} {s['setup_seconds']:>8.2f} "
+                  f"{s['busy_seconds']:>8.2f} {xrt:>8}")
 
     print("\n== targets")
     if "1" in results:
