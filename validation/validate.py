@@ -128,6 +128,8 @@ class _Gx:
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
         logging.getLogger("great_expectations").setLevel(logging.WARNING)
+        # this module sets its own logger to INFO ("Created temporary directory ... docs site")
+        logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
         self.context = gx.get_context(mode="ephemeral")
         self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
         source = self.context.data_sources.add_pandas("echat")
