@@ -34,7 +34,6 @@ extraction, the circuit breaker) are the reply stage's (synth/llm_reply.py), imp
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 from collections import Counter
@@ -46,8 +45,8 @@ from typing import Any, ClassVar
 from echat.schemas.stage import HEURISTIC, MODEL, Reject, Stage, TransientError
 from echat.schemas.vocab import STYLES
 from echat.synth.llm_reply import (
-    NO_KEY, TRANSIENT_STATUS, AnswerError, CircuitBreaker, OpenAIReply, _error_code, _error_text, parse_json_object,
-    retry_after, safe_url,
+    TRANSIENT_STATUS, AnswerError, CircuitBreaker, OpenAIReply, _error_code, _error_text, openai_client,
+    parse_json_object, retry_after, safe_url,
 )
 
 from .flags import add_flag
@@ -259,21 +258,12 @@ class OpenAIStyle(Stage):
         return f"{type(self).__name__}(model={self.model!r}, base_url={safe_url(self.base_url)!r}, api_key_env={self.api_key_env!r})"
 
     def setup(self) -> None:
-        import openai
         from echat.synth.cache import ContentCache
 
-        key = os.environ.get(self.api_key_env) or None
-        if key is None:
-            if self.base_url is None:
-                raise RuntimeError(f"no API key: set the environment variable {self.api_key_env} "
-                                   "(or name another with style.params.api_key_env)")
-            log.warning("$%s is not set: sending style requests to %s without a key", self.api_key_env, safe_url(self.base_url))
-        # max_retries=0: the stage runner owns retries (backoff, jitter, Retry-After, a bound).
-        self._client = openai.OpenAI(api_key=key or NO_KEY, base_url=self.base_url, timeout=self.timeout_s, max_retries=0)
+        self._client = openai_client(api_key_env=self.api_key_env, base_url=self.base_url, timeout_s=self.timeout_s,
+                                     what="style", slot="style")
         self._cache = ContentCache(self.cache_dir, CACHE_NAMESPACE) if self.cache_dir else None
         self._breaker = CircuitBreaker(self.breaker_failures or max(8, 2 * self.max_in_flight), self.breaker_cooldown_s)
-        for name in ("httpx", "httpcore", "openai"):
-            logging.getLogger(name).setLevel(logging.WARNING)
 
     def teardown(self) -> None:
         if self._client is not None:

@@ -252,6 +252,51 @@ def validate_answer(
     return answer
 
 
+def openai_client(*, api_key_env: str, base_url: str | None, timeout_s: float, what: str, slot: str | None = None):
+    """The `openai` client every endpoint stage uses (replies, style, speech, query text).
+
+    The key comes from the environment variable `api_key_env` only. Without one, a request to
+    OpenAI itself (no `base_url`) is refused, naming the variable; a local server gets the
+    placeholder key and a warning. `max_retries=0`: the stage runner owns retries (backoff,
+    jitter, Retry-After, a bound). httpx logs every request at INFO; the build's log keeps only
+    our own lines about them.
+    """
+    import openai
+
+    key = os.environ.get(api_key_env) or None
+    if key is None:
+        if base_url is None:
+            hint = f" (or name another with {slot}.params.api_key_env)" if slot else ""
+            raise RuntimeError(f"no API key: set the environment variable {api_key_env}{hint}")
+        log.warning("$%s is not set: sending %s requests to %s without a key", api_key_env, what, safe_url(base_url))
+    for name in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return openai.OpenAI(api_key=key or NO_KEY, base_url=base_url, timeout=timeout_s, max_retries=0)
+
+
+class KeyedGate:
+    """Records with the same key run one after the other (the second then finds the first's result
+    in the cache), while different keys run at once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._gates: dict[str, list] = {}
+
+    @contextlib.contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._lock:
+            gate = self._gates.setdefault(key, [threading.Lock(), 0])
+            gate[1] += 1
+        try:
+            with gate[0]:
+                yield
+        finally:
+            with self._lock:
+                gate[1] -= 1
+                if gate[1] == 0:
+                    self._gates.pop(key, None)
+
+
 class _CircuitOpen(Exception):
     pass
 
@@ -362,11 +407,11 @@ class OpenAIReply(Stage):
         self._lock = threading.Lock()
         self._usage: Counter = Counter()
         self._cost_micro = 0.0
-        self._waiting: dict[str, list] = {}  # cache key -> [lock, holders]: one request per key
+        self._gate = KeyedGate()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for name in ("_client", "_cache", "_breaker", "_lock", "_usage", "_cost_micro", "_waiting", "_mode"):
+        for name in ("_client", "_cache", "_breaker", "_lock", "_usage", "_cost_micro", "_gate", "_mode"):
             state.pop(name, None)
         return state
 
@@ -379,21 +424,10 @@ class OpenAIReply(Stage):
                 f"api_key_env={self.api_key_env!r}, structured_output={self.structured_output!r}, turns={self.turns})")
 
     def setup(self) -> None:
-        import openai
-
-        key = os.environ.get(self.api_key_env) or None
-        if key is None:
-            if self.base_url is None:
-                raise RuntimeError(f"no API key: set the environment variable {self.api_key_env} "
-                                   "(or name another with reply.params.api_key_env)")
-            log.warning("$%s is not set: sending requests to %s without a key", self.api_key_env, safe_url(self.base_url))
-        # max_retries=0: the stage runner owns retries (backoff, jitter, Retry-After, a bound).
-        self._client = openai.OpenAI(api_key=key or NO_KEY, base_url=self.base_url, timeout=self.timeout_s, max_retries=0)
+        self._client = openai_client(api_key_env=self.api_key_env, base_url=self.base_url, timeout_s=self.timeout_s,
+                                     what="reply", slot="reply")
         self._cache = ContentCache(self.cache_dir, CACHE_NAMESPACE) if self.cache_dir else None
         self._breaker = CircuitBreaker(self.breaker_failures or max(8, 2 * self.max_in_flight), self.breaker_cooldown_s)
-        # httpx logs every request at INFO; the build's log keeps only our own lines about them.
-        for name in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
-            logging.getLogger(name).setLevel(logging.WARNING)
 
     def teardown(self) -> None:
         if self._client is not None:
@@ -442,7 +476,7 @@ class OpenAIReply(Stage):
         messages = llm_prompts.messages(prompts, record_in, turns=self.turns, min_score=self.min_label_score,
                                         prefix=self._prefixes[language])
         key = self.request_key(messages, prompts.version)
-        with self._one_request_per_key(key):
+        with self._gate.hold(key):  # one request per key: the second finds the first's answer
             answer = self._cached(key, language)
             if answer is None:
                 try:
@@ -491,21 +525,6 @@ class OpenAIReply(Stage):
     def _validate(self, data: Any, language: str) -> dict[str, Any]:
         return validate_answer(data, language=language, turns=self.turns,
                                max_reply_words=self.max_reply_words, max_think_words=self.max_think_words)
-
-    @contextlib.contextmanager
-    def _one_request_per_key(self, key: str) -> Iterator[None]:
-        """Records with the same key run one after the other: the second finds the first's answer."""
-        with self._lock:
-            gate = self._waiting.setdefault(key, [threading.Lock(), 0])
-            gate[1] += 1
-        try:
-            with gate[0]:
-                yield
-        finally:
-            with self._lock:
-                gate[1] -= 1
-                if gate[1] == 0:
-                    self._waiting.pop(key, None)
 
     # ------------------------------------------------------------------ the endpoint
 

@@ -30,9 +30,7 @@ gender, instructions by the intended emotion and age).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
 import threading
 from collections import Counter
@@ -46,7 +44,7 @@ from echat.schemas.record import SAMPLE_RATE
 from echat.schemas.stage import Reject, Stage, TransientError
 
 from .cache import ContentCache, cache_key
-from .llm_reply import NO_KEY, TRANSIENT_STATUS, _error_text, retry_after, safe_url
+from .llm_reply import NO_KEY, TRANSIENT_STATUS, KeyedGate, _error_text, openai_client, retry_after, safe_url
 from .speech_styles import SpeechStyles, load_speech_styles
 
 log = logging.getLogger(__name__)
@@ -65,29 +63,6 @@ class RequestRefused(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
-
-
-class KeyedGate:
-    """Records with the same key run one after the other (the second then finds the first's result
-    in the cache), while different keys run at once."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._gates: dict[str, list] = {}
-
-    @contextlib.contextmanager
-    def hold(self, key: str) -> Iterator[None]:
-        with self._lock:
-            gate = self._gates.setdefault(key, [threading.Lock(), 0])
-            gate[1] += 1
-        try:
-            with gate[0]:
-                yield
-        finally:
-            with self._lock:
-                gate[1] -= 1
-                if gate[1] == 0:
-                    self._gates.pop(key, None)
 
 
 def redact(text: str, key: str | None) -> str:
@@ -202,19 +177,9 @@ class OpenAISpeechTTS(Stage):
         return f"{type(self).__name__}(model={self.model!r}, base_url={safe_url(self.base_url)!r}, voice={self.voice_for()!r})"
 
     def setup(self) -> None:
-        import openai
-
-        key = os.environ.get(self.api_key_env) or None
-        if key is None:
-            if self.base_url is None:
-                raise RuntimeError(f"no API key: set the environment variable {self.api_key_env} "
-                                   "(or name another with tts.params.api_key_env)")
-            log.warning("$%s is not set: sending speech requests to %s without a key", self.api_key_env, safe_url(self.base_url))
-        # max_retries=0: the stage runner owns retries (backoff, jitter, Retry-After, a bound).
-        self._client = openai.OpenAI(api_key=key or NO_KEY, base_url=self.base_url, timeout=self.timeout_s, max_retries=0)
+        self._client = openai_client(api_key_env=self.api_key_env, base_url=self.base_url, timeout_s=self.timeout_s,
+                                     what="speech", slot="tts")
         self._cache = ContentCache(self.cache_dir, CACHE_NAMESPACE) if self.cache_dir else None
-        for name in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
-            logging.getLogger(name).setLevel(logging.WARNING)
 
     def teardown(self) -> None:
         if self._client is not None:

@@ -19,7 +19,6 @@ parameters: a rerun sends no request it already has an answer for.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 from collections import Counter
@@ -36,8 +35,8 @@ from echat.schemas import vocab
 from echat.schemas.stage import Reject, Stage, TransientError
 
 from .cache import ContentCache, cache_key
-from .llm_reply import (NO_KEY, TRANSIENT_STATUS, AnswerError, _error_text, language_problem, length_units,
-                        parse_json_object, retry_after, safe_url)
+from .llm_reply import (TRANSIENT_STATUS, AnswerError, _error_text, language_problem, length_units,
+                        openai_client, parse_json_object, retry_after, safe_url)
 
 log = logging.getLogger(__name__)
 
@@ -200,15 +199,9 @@ class QueryTextLLM(Stage):
         self._usage: Counter = Counter()
 
     def setup(self) -> None:
-        import openai
-
-        key = os.environ.get(self.api_key_env) or None
-        if key is None and self.base_url is None:
-            raise RuntimeError(f"no API key: set the environment variable {self.api_key_env}")
-        self._client = openai.OpenAI(api_key=key or NO_KEY, base_url=self.base_url, timeout=self.timeout_s, max_retries=0)
+        self._client = openai_client(api_key_env=self.api_key_env, base_url=self.base_url, timeout_s=self.timeout_s,
+                                     what="query text")
         self._cache = ContentCache(self.cache_dir, CACHE_NAMESPACE) if self.cache_dir else None
-        for name in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
-            logging.getLogger(name).setLevel(logging.WARNING)
 
     def teardown(self) -> None:
         if self._client is not None:
