@@ -24,12 +24,11 @@ Labels (OSUM's sets):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
 from echat.schemas.record import SAMPLE_RATE
-from echat.schemas.stage import MODEL, Reject, Result, Stage, as_result
+from echat.schemas.stage import MODEL, BatchedStage, Result, as_result
 
 from . import model_hub
 from .flags import add_flag
@@ -96,7 +95,7 @@ def model_classes():
 _CLASSES = None
 
 
-class Wav2Vec2AgeGender(Stage):
+class Wav2Vec2AgeGender(BatchedStage):
     name: ClassVar[str] = "age_gender"
     reads: ClassVar[tuple[str, ...]] = ("_waveform", "sampling_rate")
     writes: ClassVar[tuple[str, ...]] = (
@@ -157,12 +156,6 @@ class Wav2Vec2AgeGender(Stage):
         return f"wav2vec2-age-gender:{model_hub.model_label(self.model)}"
 
     # ------------------------------------------------------------------ records
-
-    def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
-        (result,) = self.process_batch([record])
-        if isinstance(result, BaseException):
-            raise result
-        yield from ([result] if isinstance(result, Reject) else result)
 
     def process_batch(self, records: list[dict[str, Any]]) -> list[Result | BaseException]:
         if self._model is None:

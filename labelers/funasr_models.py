@@ -41,13 +41,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 from echat.schemas.record import SAMPLE_RATE
-from echat.schemas.stage import Reject, Result, Stage, as_result
+from echat.schemas.stage import BatchedStage, Result, as_result
 
 from .model_hub import check_device, hub_cache_dir, model_label
 
@@ -215,7 +215,7 @@ def generate_each(
     return [result for waveform in waveforms for result in generate_each(run, [waveform])]
 
 
-class FunASRStage(Stage):
+class FunASRStage(BatchedStage):
     """A labeler over one FunASR model: one `generate()` call per batch of records, each record's
     funasr result turned into its output by `label`. A record that cannot be read, or whose result
     cannot be used, fails alone (the runner rejects it); `passthrough` lets a record by untouched."""
@@ -278,9 +278,3 @@ class FunASRStage(Stage):
             except Exception as exc:  # noqa: BLE001
                 results[i] = exc
         return results  # type: ignore[return-value]
-
-    def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
-        (result,) = self.process_batch([record])
-        if isinstance(result, BaseException):
-            raise result
-        yield from ([result] if isinstance(result, Reject) else result)

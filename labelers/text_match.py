@@ -23,7 +23,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from echat.schemas.text import CJK_CHAR, count_cjk, has_cjk  # noqa: F401 - what a Chinese character is lives in schemas
 
 MASK_CHAR = "|"  # what a matched stretch is replaced with: not a word character, not CJK
 _INFLECTIONS = r"(?:s|es|ed|d|ing)?"

@@ -59,7 +59,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from echat.schemas.record import SAMPLE_RATE, record_id
-from echat.schemas.stage import Reject, Result, Stage, as_result
+from echat.schemas.stage import BatchedStage, Reject, Result, as_result
 
 from .flags import add_flag
 
@@ -80,7 +80,7 @@ ONNX_WINDOW_FRAMES = 512
 ONNX_SEQUENCE_FILE = "silero_vad_16k_sequence.onnx"
 
 
-class SileroVAD(Stage):
+class SileroVAD(BatchedStage):
     name: ClassVar[str] = "vad"
     reads: ClassVar[tuple[str, ...]] = ("_waveform", "sampling_rate", "source_uri", "segment_start", "transcript")
     writes: ClassVar[tuple[str, ...]] = (
@@ -224,12 +224,6 @@ class SileroVAD(Stage):
             except Exception as exc:  # noqa: BLE001
                 results[i] = exc
         return results  # type: ignore[return-value]
-
-    def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
-        (result,) = self.process_batch([record])
-        if isinstance(result, BaseException):
-            raise result
-        yield from ([result] if isinstance(result, Reject) else result)
 
     def _segments(self, record: dict[str, Any], spans: list[Span]) -> Iterator[dict[str, Any] | Reject]:
         """The outputs of one input record, given silero's speech spans in it."""

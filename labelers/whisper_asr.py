@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from echat.schemas.record import SAMPLE_RATE
-from echat.schemas.stage import MODEL, Reject, Result, Stage, as_result
+from echat.schemas.stage import MODEL, BatchedStage, Reject, Result, as_result
 
 from . import model_hub
 from .asr import ASR_EMPTY_FLAG
@@ -49,7 +49,7 @@ _NO_SPACE_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
 _PUNCTUATION = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~。，！？：；、“”‘’（）《》…")
 
 
-class WhisperASR(Stage):
+class WhisperASR(BatchedStage):
     name: ClassVar[str] = "asr"
     reads: ClassVar[tuple[str, ...]] = ("_waveform", "sampling_rate", "transcript", "language")
     writes: ClassVar[tuple[str, ...]] = (
@@ -125,12 +125,6 @@ class WhisperASR(Stage):
         return f"whisper:{model_hub.model_label(self.model)}"
 
     # ------------------------------------------------------------------ records
-
-    def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
-        (result,) = self.process_batch([record])
-        if isinstance(result, BaseException):
-            raise result
-        yield from ([result] if isinstance(result, Reject) else result)
 
     def process_batch(self, records: list[dict[str, Any]]) -> list[Result | BaseException]:
         if self._model is None:

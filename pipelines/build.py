@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 ACCEPTS_EXTRA_ARGS = True

@@ -23,7 +23,6 @@ _last_flush = 0.0
 
 
 def report(progress_dir: str, slot: str, n_in: int, n_out: int, audio_s: float, busy_s: float) -> None:
-    global _last_flush
     with _guard:
         row = _table[slot]
         row["in"] += n_in

@@ -159,6 +159,21 @@ class Stage(ABC):
         return {}
 
 
+class BatchedStage(Stage):
+    """A stage whose natural unit is a batch (one model call over many records): it implements
+    `process_batch`, and `process` on one record is that batch of one."""
+
+    @abstractmethod
+    def process_batch(self, records: list[dict[str, Any]]) -> list[Result | BaseException]:
+        """One result per input, in order (see `Stage.process_batch`)."""
+
+    def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
+        (result,) = self.process_batch([record])
+        if isinstance(result, BaseException):
+            raise result
+        yield from ([result] if isinstance(result, Reject) else result)
+
+
 def as_result(outputs: list[dict[str, Any] | Reject]) -> Result:
     """What `process` yielded, as a Result: a lone Reject of the input itself is the input's Reject."""
     if len(outputs) == 1 and isinstance(outputs[0], Reject):
