@@ -54,11 +54,12 @@ def stage_specs(profile: Profile) -> list[StageSpec]:
 
 def stage_order(profile: Profile) -> list[str]:
     """Every step that counts and tallies like a stage, in build order (the lineage rule's chain)."""
-    slots = [spec.slot for spec in stage_specs(profile)]
+    specs = stage_specs(profile)
+    slots = [spec.slot for spec in specs]
+    if profile.dedup.transcripts:  # before the audio step is inserted: the place is a stage's slot
+        slots.insert(slots.index(_transcript_dedup_place(specs)), TRANSCRIPT_SLOT)
     if profile.dedup.audio:
         slots.insert(1, AUDIO_SLOT)
-    if profile.dedup.transcripts:
-        slots.insert(slots.index(_transcript_dedup_place(stage_specs(profile))), TRANSCRIPT_SLOT)
     return slots
 
 
