@@ -17,7 +17,7 @@ from echat.labelers.vad import SPLIT_FLAG
 from echat.schemas.record import FIELDS_BY_NAME
 from echat.schemas.scoring import NONE_CLASS, ErrorRate, EventSets, LabelAccuracy, language_of
 
-from .sources import REFERENCE_KEY
+from .source_rows import REFERENCE_KEY
 
 
 def _scorer(name: str):

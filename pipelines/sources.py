@@ -25,18 +25,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from echat.labelers.decode import SOURCE_PATH_KEY
-from echat.schemas import labels
+from echat.labelers.decode import SOURCE_PATH_KEY  # noqa: F401 - build reads it from here
 from echat.schemas.stage import Reject
+
+from .source_rows import REFERENCE_KEY, STAGE, SourceContext, base_record, printable_name, relative_uri, row_record, trusted_groups  # noqa: F401
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma", ".webm")
 MANIFEST_EXTENSIONS = (".jsonl", ".csv")
 PATH_KEYS = ("path", "audio", "wav")
-STAGE = "source"
-REFERENCE_KEY = "_reference"  # the manifest's untrusted labels, scored in pipelines/accuracy.py
-
-# Manifest label columns; each is normalised through schemas/labels.py (aliases, case, OSUM forms).
-LABEL_COLUMNS = ("gender", "age", "emotion", "style", "language")
 
 
 @dataclass
@@ -62,21 +58,13 @@ def list_sources(input_path: str, *, dataset_name: str, license: str | None, tru
     values are taken as given; the manifest's other values become each record's `_reference`.
     `language`: given to every record that has none (origin "profile").
     """
-    listing = _list(input_path, dataset_name=dataset_name, license=license, trust_manifest=_trusted(trust_manifest),
+    listing = _list(input_path, dataset_name=dataset_name, license=license, trust_manifest=trusted_groups(trust_manifest),
                     encoding=manifest_encoding)
     if language:
         for record in listing.records:
             if record.get("language") is None:
                 record.update(language=language, language_origin="profile")
     return listing
-
-
-def _trusted(trust_manifest) -> frozenset[str]:
-    from echat.schemas.record import LABEL_GROUPS
-
-    if trust_manifest is True:
-        return frozenset(LABEL_GROUPS)
-    return frozenset(trust_manifest or ())
 
 
 def _list(input_path: str, *, dataset_name: str, license: str | None, trust_manifest: frozenset[str],
@@ -227,11 +215,8 @@ def _row_to_record(row, where: str, base_dir: str, dataset_name: str, license: s
         detail = f"row has no path (a string in one of {', '.join(PATH_KEYS)}): {json.dumps(row, ensure_ascii=False)[:300]}"
         return Reject(source_uri=where, stage=STAGE, reason="manifest_row_invalid", detail=detail)
     uri = _resolve(given.strip(), base_dir)
-    record = _base_record(uri, dataset_name, license, base_dir)
-    problem = _apply_manifest_fields(record, row, trust_manifest)
-    if problem:
-        return Reject(source_uri=record["source_uri"], stage=STAGE, reason="invalid_label", detail=f"{where}: {problem}")
-    return record
+    ctx = SourceContext(root=base_dir, dataset_name=dataset_name, license=license, trust_manifest=trust_manifest)
+    return row_record(row, base_record(uri, ctx), ctx, where)
 
 
 def _manifest_rows(manifest: str, text: str):
@@ -253,106 +238,8 @@ def _manifest_rows(manifest: str, text: str):
         yield i, row if isinstance(row, dict) else f"not a JSON object: {line[:200]}"
 
 
-def _apply_manifest_fields(record: dict[str, Any], row: dict[str, Any], trusted: frozenset[str]) -> str | None:
-    """Copy the manifest's speaker, and its transcript and labels of the `trusted` groups, into
-    `record`; the other groups' values go to `record["_reference"]`. A problem as text."""
-    if row.get("speaker"):
-        record["speaker"] = str(row["speaker"])
-    if row.get("source_kind"):  # how the row's audio came to be: a property of the source, always kept
-        try:
-            record["source_kind"] = labels.normalise("source_kind", str(row["source_kind"]))
-        except labels.LabelError as err:
-            return str(err)
-    given: dict[str, Any] = {}  # group -> fields, as a trusted group writes them
-    text = row.get("text") or row.get("transcript") or row.get("txt")
-    if text:
-        given["transcript"] = {"transcript": str(text).strip(), "transcript_origin": "manifest", "transcript_confidence": 1.0}
-    problem = _manifest_labels(row, given)
-    if problem:
-        return problem
-    reference = {}
-    for group, fields in given.items():
-        if group in trusted:
-            record.update(fields)
-        else:
-            reference[group] = fields[group]
-    if reference:
-        record[REFERENCE_KEY] = reference
-    return None
-
-
-def _manifest_labels(row: dict[str, Any], given: dict[str, Any]) -> str | None:
-    """Add the row's normalised labels to `given` (group -> fields); a problem as text."""
-    try:
-        for name in LABEL_COLUMNS:
-            value = row.get(name)
-            if value in (None, ""):
-                continue
-            normalised = labels.normalise(name, str(value))
-            if name == "language":
-                given[name] = {"language": normalised, "language_origin": "manifest"}
-            else:
-                given[name] = {name: normalised, f"{name}_score": 1.0, f"{name}_model": "manifest"}
-        events = row.get("events")
-        if isinstance(events, str):  # CSV: "cough;laugh"; an empty cell says nothing
-            events = [e.strip() for e in events.replace(";", ",").split(",") if e.strip()] or None
-        if events is not None:  # an explicit empty list is ground truth too: nothing was heard
-            if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
-                return f"events must be a list of names, got {events!r}"
-            given["events"] = {"events": labels.normalise_events(events), "events_score": 1.0, "events_model": "manifest"}
-    except labels.LabelError as err:
-        return str(err)
-    return None
-
-
 def _base_record(uri: str, dataset_name: str, license: str | None, root: str) -> dict[str, Any]:
-    """A source's first record: `source_uri` relative to the input root (what shards, rejects and
-    ids carry, so a moved corpus keeps its ids), the readable location as `_source_path`."""
-    return {"source_uri": relative_uri(uri, root), SOURCE_PATH_KEY: _codable(uri), "source_dataset": dataset_name,
-            "source_kind": "real", "license": license}
-
-
-def _codable(path: str) -> str | bytes:
-    """A path as Beam can carry it: text, or the file system's bytes for a name that is not UTF-8
-    (Beam encodes text as UTF-8, which a surrogate-escaped name cannot be)."""
-    import os
-
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return os.fsencode(path)
-
-
-def relative_uri(uri: str, root: str) -> str:
-    """`uri` relative to `root` (posix separators). A file outside the root becomes
-    `external/<hash of its folder>/<name>`: stable, unique, and no path of this machine.
-    Bytes of a file name that are not UTF-8 are written as `\\xNN` (lossless, and valid text)."""
-    return printable_name(_relative(uri, root))
-
-
-def printable_name(name: str | bytes) -> str:
-    """A file name as valid UTF-8 text: undecodable bytes (surrogate escapes) become `\\xNN`."""
-    raw = name if isinstance(name, bytes) else name.encode("utf-8", "surrogateescape")
-    return raw.decode("utf-8", "backslashreplace")
-
-
-def _relative(uri: str, root: str) -> str:
-    import hashlib
-    import os
-
-    if "://" in uri or "://" in root:
-        base = root.rstrip("/") + "/"
-        if uri.startswith(base):
-            return uri[len(base):]
-        folder, name = posixpath.split(uri)
-    else:
-        absolute, base = os.path.abspath(uri), os.path.abspath(root)
-        if os.path.commonpath([absolute, base]) == base and absolute != base:
-            return os.path.relpath(absolute, base).replace(os.sep, "/")
-        folder, name = os.path.split(absolute)
-    digest = hashlib.sha1(folder.encode("utf-8", "surrogateescape")).hexdigest()[:10]
-    return f"external/{digest}/{name}"
+    return base_record(uri, SourceContext(root=root, dataset_name=dataset_name, license=license))
 
 
 def _dirname(path: str) -> str:
