@@ -1,6 +1,9 @@
 """`echat eval`: score a predictions file (jsonl) by task.
 
     echat eval --predictions preds.jsonl [--report report.json]
+    echat eval --judge --predictions preds.jsonl --shards BUILD --response-audio WAVS --judge-model NAME
+
+(`--judge`: an LLM judge scores the dialogue replies, EChat-eval style: model/judge.py.)
 
 Each line of the predictions file is one JSON object with `key`, `task`, `prediction` and
 `reference` (what `echat infer --shards` writes), and optionally `language` ("en" / "zh").
@@ -298,10 +301,22 @@ def format_report(report: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictions", required=True, metavar="FILE.jsonl",
                         help="predictions written by `echat infer` (key, task, prediction, reference[, language])")
-    parser.add_argument("--report", metavar="FILE.json", help="write the JSON report here (default: next to the predictions, .eval.json)")
+    parser.add_argument("--report", metavar="FILE.json",
+                        help="write the JSON report here (default: next to the predictions, .eval.json; .judge.json with --judge)")
+    from echat.model import judge  # its options only: the judge's own imports wait until it runs
+
+    judge.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from echat.model import judge
+
+    if getattr(args, "judge", False):
+        return judge.run(args)
+    stray = judge.stray_options(args) if hasattr(args, "judge") else []
+    if stray:
+        print(f"echat eval: {', '.join(stray)} only mean something with --judge", file=sys.stderr)
+        return 2
     try:
         rows = read_predictions(args.predictions)
     except PredictionsError as err:

@@ -30,6 +30,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -70,8 +71,16 @@ def default_answer(transcript: str, history_items: int) -> dict[str, Any]:
 
 
 class FakeChatServer:
-    def __init__(self, latency_s: float = 0.0):
+    """`answer` and `key_of` (optional) make it another kind of endpoint, e.g. a judge: `key_of(body)`
+    names the request (what `faults`, `always`, `attempts` and `count_for` match; default: the
+    reply prompt's transcript) and `answer(body)` is the JSON object to answer with (default: a
+    reply, `default_answer`); a spec's `answer` fields are laid over it as for a reply."""
+
+    def __init__(self, latency_s: float = 0.0, *, answer: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 key_of: Callable[[dict[str, Any]], str] | None = None):
         self.latency_s = latency_s
+        self.answer = answer
+        self.key_of = key_of
         self.faults: dict[str, list[dict[str, Any]]] = {}
         self.always: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -129,7 +138,7 @@ class FakeChatServer:
     def reset(self) -> None:
         """Forget what was seen and every fault."""
         with self._lock:
-            self.requests: list[dict[str, Any]] = []  # {transcript, outcome, model}
+            self.requests: list[dict[str, Any]] = []  # {transcript, outcome, model, at (monotonic arrival time)}
             self.attempts: Counter = Counter()  # transcript -> requests seen
             self.answered = 0
             self.in_flight = 0
@@ -169,9 +178,9 @@ class FakeChatServer:
             except json.JSONDecodeError:
                 self._send(handler, 400, {"error": {"message": "request body is not JSON", "type": "invalid_request_error"}})
                 return
-            transcript = transcript_of(body)
+            transcript = self.key_of(body) if self.key_of is not None else transcript_of(body)
             fmt = (body.get("response_format") or {}).get("type")
-            entry = {"transcript": transcript, "outcome": "pending", "model": body.get("model")}
+            entry = {"transcript": transcript, "outcome": "pending", "model": body.get("model"), "at": time.monotonic()}
             with self._lock:
                 self.requests.append(entry)  # counted on arrival, whatever happens next
                 self.formats.append(fmt)
@@ -203,7 +212,7 @@ class FakeChatServer:
                                                                "type": "server_error", "code": spec.get("code")}}, headers)
                 return
             history_items = _history_items(body)
-            answer = default_answer(transcript, history_items)
+            answer = self.answer(body) if self.answer is not None else default_answer(transcript, history_items)
             answer.update(spec.get("answer") or {})
             content = spec.get("content", json.dumps(answer, ensure_ascii=False))
             message: dict[str, Any] = {"role": "assistant", "content": content}
