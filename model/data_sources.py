@@ -1,43 +1,49 @@
-"""Where training records come from: parquet shards and OSUM raw lists, cut into read units.
+"""Where training records come from: parquet shards, OSUM raw lists and WeNet tar shards, cut into read units.
 
 A *unit* is the smallest piece a data-loader worker reads: one row group of a parquet shard (the
-pipeline writes 64 rows per group) or one chunk of lines of an OSUM raw list. Units are what is
-dealt out to ranks and workers, so two workers never read the same rows. When there are fewer
-units than workers, each unit is cut into equal parts (a part re-reads its row group and keeps its
-slice of the rows).
+pipeline writes 64 rows per group), one chunk of lines of an OSUM raw list, or one WeNet tar shard
+(read once, front to back). Units are what is dealt out to ranks and workers, so two workers never
+read the same rows. When there are fewer units than workers, each unit is cut into equal parts (a
+part re-reads its row group or chunk and keeps its slice of the rows; a part of a tar reads the
+tar and keeps every `parts`-th sample).
 
 Records come out as dicts with the fields of schemas/record.py plus the working keys `_audio` (an
 `AudioRef`, undecoded) and `_num_samples` (length at 16 kHz, read from the audio header). A record
-whose audio cannot be read, is too short for a mel frame, or is longer than the speech encoder
-takes (`max_frames`: Whisper's 30 s) keeps its text fields (text-only tasks still use it) with
-`_audio` None and `_audio_issue` saying why; the reason is logged with its id.
+whose audio cannot be read, is missing (a tar sample without an audio member), is too short for a
+mel frame, or is longer than the speech encoder takes (`max_frames`: Whisper's 30 s) keeps its text
+fields (text-only tasks still use it) with `_audio` None and `_audio_issue` saying why; the reason
+is logged with its id.
 
-OSUM raw lists (one JSON object per line: key, wav, txt, task, lang, extra{dataset, age, gender,
-think_str, question, speech_token, a_wav_path}, optional start/end) map onto the same fields:
-for dialogue tasks `txt` is the reply and `extra.question` the user's transcript; for understanding
-tasks `txt` is the transcript with the label tags after it (`text<SAD>`), the tags alone, or the
-timestamped transcript of `<TRANSCRIBE> <ALIGN>`.
+OSUM's own formats (raw lists, tar shards, shard lists naming one tar per line) are read through
+schemas/osum_format.py, the definition the corpus pipeline's sources share: the same sample gives
+the same record from a raw list or a tar. Lists and tars may be local paths or URLs of any
+filesystem fsspec knows (gs://, s3://, memory://...); a list is told a raw list or a shard list by
+its first non-empty line; a shard list's units are its tars, relative entries resolved against the
+list's folder.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import math
 import os
-import re
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import fsspec
+
 from echat.model.features import FRAMES_PER_SECOND, MIN_SAMPLES, SAMPLE_RATE, AudioRef, audio_num_samples, num_frames
-from echat.schemas import labels, vocab
+from echat.schemas import osum_format
+from echat.schemas.osum_format import parse_align_text  # noqa: F401  (offered here, as before)
 
 log = logging.getLogger(__name__)
 
-PARQUET, OSUM_RAW = "parquet", "osum_raw"
-RAW_SUFFIXES = (".jsonl", ".list", ".json")
+PARQUET, OSUM_RAW, WENET_TAR = "parquet", "osum_raw", "wenet_tar"
+LIST_SUFFIXES = (".jsonl", ".list", ".json", ".txt")  # OSUM raw lists or shard lists, told apart by content
+RAW_SUFFIXES = LIST_SUFFIXES  # the name this module gave them before shard lists were read
 RAW_CHUNK_LINES = 256  # lines of an OSUM raw list per read unit
 
 # Record fields the sample builder reads (only these columns are read from a shard).
@@ -51,6 +57,7 @@ COLUMNS = (
 
 # Why a record's audio was set aside (its `_audio_issue`): counted by these reasons.
 AUDIO_UNREADABLE = "audio unreadable"
+AUDIO_MISSING = "no audio in the sample"
 AUDIO_TOO_SHORT = "audio too short for a mel frame"
 AUDIO_TOO_LONG = "audio longer than the speech encoder takes"
 
@@ -62,14 +69,19 @@ class DataSourceError(ValueError):
 @dataclass(frozen=True)
 class Unit:
     path: str
-    kind: str  # PARQUET or OSUM_RAW
-    index: int  # row group (parquet) or chunk of RAW_CHUNK_LINES lines (raw list)
+    kind: str  # PARQUET, OSUM_RAW or WENET_TAR
+    index: int  # row group (parquet), chunk of RAW_CHUNK_LINES lines (raw list), 0 (a tar)
     part: int = 0
     parts: int = 1
 
 
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
 def resolve_files(files: list[str] | str) -> list[tuple[str, str]]:
-    """(path, kind) for each input: parquet files, folders (all *.parquet under them), globs, raw lists.
+    """(path, kind) for each input: parquet files, folders (all *.parquet under them), globs, OSUM
+    raw lists, WeNet tar shards (`.tar`) and shard lists (each of their tars); URLs for the OSUM forms.
 
     Raises DataSourceError naming an input that does not exist, matches nothing or has an unknown kind.
     """
@@ -78,6 +90,9 @@ def resolve_files(files: list[str] | str) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for item in files:
         item = str(item)
+        if _is_url(item):
+            out.extend(_resolve_url(item))
+            continue
         if os.path.isdir(item):
             found = sorted(str(p) for p in Path(item).rglob("*.parquet") if not p.name.startswith("."))
             if not found:
@@ -92,12 +107,8 @@ def resolve_files(files: list[str] | str) -> list[tuple[str, str]]:
                 out.extend(resolve_files([path]))
             elif not os.path.exists(path):
                 raise DataSourceError(f"no such file: {path}")
-            elif path.endswith(".parquet"):
-                out.append((path, PARQUET))
-            elif path.endswith(RAW_SUFFIXES):
-                out.append((path, OSUM_RAW))
             else:
-                raise DataSourceError(f"{path}: not a parquet shard (.parquet) or an OSUM raw list ({', '.join(RAW_SUFFIXES)})")
+                out.extend(_by_kind(path))
     seen: set[str] = set()
     unique = []
     for path, kind in out:
@@ -105,6 +116,75 @@ def resolve_files(files: list[str] | str) -> list[tuple[str, str]]:
             seen.add(path)
             unique.append((path, kind))
     return unique
+
+
+def _resolve_url(url: str) -> list[tuple[str, str]]:
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as err:  # an unknown scheme, or its filesystem is not installed
+        raise DataSourceError(f"{url}: cannot open it ({err})") from err
+    protocol = url.split("://", 1)[0]
+    if glob.has_magic(path):
+        matches = [f"{protocol}://{p}" for p in sorted(fs.glob(path))]
+        if not matches:
+            raise DataSourceError(f"{url!r} matches no file")
+        return [pair for m in matches for pair in _resolve_url(m)]
+    if not fs.exists(path):
+        raise DataSourceError(f"no such file: {url}")
+    if url.endswith(".parquet") or fs.isdir(path):
+        raise DataSourceError(f"{url}: parquet shards are read from local paths; URLs are read for OSUM raw lists, "
+                              "tar shards and shard lists")
+    return _by_kind(url)
+
+
+def _by_kind(path: str) -> list[tuple[str, str]]:
+    if path.endswith(".parquet"):
+        return [(path, PARQUET)]
+    if path.endswith(".tar"):
+        return [(path, WENET_TAR)]
+    if not path.endswith(LIST_SUFFIXES):
+        raise DataSourceError(f"{path}: not a parquet shard (.parquet), a WeNet tar shard (.tar) or an OSUM list "
+                              f"({', '.join(LIST_SUFFIXES)})")
+    with fsspec.open(path, "rt", encoding="utf-8") as fh:
+        try:
+            kind = osum_format.list_kind(osum_format.first_line(fh), path)
+        except osum_format.OsumFormatError as err:
+            raise DataSourceError(str(err)) from None
+        except UnicodeDecodeError as err:
+            raise DataSourceError(f"{path}: not a UTF-8 text list ({err})") from None
+        if kind == osum_format.RAW_LIST:
+            return [(path, OSUM_RAW)]
+        fh.seek(0)
+        try:
+            tars = osum_format.shard_list_paths(fh.read(), path)
+        except osum_format.OsumFormatError as err:
+            raise DataSourceError(str(err)) from None
+    base = _folder_of(path)
+    out = []
+    for tar in tars:
+        resolved = _resolve(tar, base)
+        if not _is_url(resolved) and not os.path.exists(resolved):
+            raise DataSourceError(f"{path}: names {tar}, which does not exist (relative entries are read against the "
+                                  "list's folder, then the working directory)")
+        out.append((resolved, WENET_TAR))
+    return out
+
+
+def _folder_of(path: str) -> str:
+    return posixpath.dirname(path) if _is_url(path) else os.path.dirname(os.path.abspath(path))
+
+
+def _resolve(path: str, base: str) -> str:
+    """`path` as written in a list: absolute paths and URLs as they are; a relative one against the
+    list's folder `base` (a local one falls back to the working directory when it is not there,
+    as OSUM's own lists are written relative to their repository root)."""
+    if _is_url(path) or os.path.isabs(path):
+        return path
+    if _is_url(base):
+        protocol, folder = base.split("://", 1)
+        return f"{protocol}://{posixpath.normpath(posixpath.join(folder, path))}"
+    joined = os.path.join(base, path)
+    return joined if os.path.exists(joined) or not os.path.exists(path) else path
 
 
 def plan_units(files: list[tuple[str, str]], min_units: int = 1) -> list[Unit]:
@@ -119,8 +199,10 @@ def plan_units(files: list[tuple[str, str]], min_units: int = 1) -> list[Unit]:
             except Exception as err:  # pyarrow raises several types for a damaged file
                 raise DataSourceError(f"{path}: cannot read parquet metadata ({err})") from err
             units.extend(Unit(path, kind, g) for g in range(groups))
+        elif kind == WENET_TAR:
+            units.append(Unit(path, kind, 0))  # read whole: a tar has no index to count its samples by
         else:
-            with open(path, encoding="utf-8") as fh:
+            with fsspec.open(path, "rt", encoding="utf-8") as fh:
                 lines = sum(1 for _ in fh)
             units.extend(Unit(path, kind, c) for c in range(math.ceil(lines / RAW_CHUNK_LINES)))
     if units and len(units) < min_units:
@@ -135,7 +217,7 @@ def read_unit(unit: Unit, max_frames: int | None = None) -> Iterator[dict[str, A
     max_frames: the most mel frames (100 per second) the speech encoder takes; longer audio is set
     aside like unreadable audio (`_audio` None, `_audio_issue` AUDIO_TOO_LONG, a warning naming it).
     """
-    rows = _parquet_rows(unit) if unit.kind == PARQUET else _raw_rows(unit)
+    rows = {PARQUET: _parquet_rows, OSUM_RAW: _raw_rows, WENET_TAR: _tar_rows}[unit.kind](unit)
     for row in rows:
         yield _with_audio_length(row, max_frames)
 
@@ -199,105 +281,77 @@ def _set_aside(row: dict[str, Any], issue: str) -> dict[str, Any]:
     return row
 
 
-# ----------------------------------------------------------------------------- OSUM raw lists
+# ----------------------------------------------------------------------------- OSUM raw lists and WeNet tar shards
 
 
 def _raw_rows(unit: Unit) -> Iterator[dict[str, Any]]:
     first = unit.index * RAW_CHUNK_LINES
     lines: list[tuple[int, str]] = []
-    with open(unit.path, encoding="utf-8") as fh:
+    with fsspec.open(unit.path, "rt", encoding="utf-8") as fh:
         for number, line in enumerate(fh):
             if number >= first + RAW_CHUNK_LINES:
                 break
             if number >= first:
                 lines.append((number + 1, line))
-    base = os.path.dirname(os.path.abspath(unit.path))
+    base = _folder_of(unit.path)
     for number, line in _part(lines, unit):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-            yield record_from_osum(obj, base)
-        except (ValueError, KeyError, TypeError) as err:
+            sample = osum_format.parse_raw_line(line)
+        except osum_format.OsumFormatError as err:
             log.warning("%s:%d: skipped, not an OSUM raw entry (%s)", unit.path, number, err)
+            continue
+        record = _record_from_sample(sample, base, f"{unit.path}:{number}")
+        if record is not None:
+            yield record
 
 
-_TRAILING_TAGS = re.compile(r"^(.*?)((?:\s*<[^<>]+>)*)\s*$", re.S)
-_TAG = re.compile(r"<([^<>]+)>")
-_ALIGNED_WORD = re.compile(r"<(\d+(?:\.\d+)?)>([^<>]+?)<(\d+(?:\.\d+)?)>")
-_CHAT_TAGS = ("<S2TCHAT>", "<TEXT2TOKEN>", "<TEXT2TEXT>", "<HISTORY>")
+def _tar_rows(unit: Unit) -> Iterator[dict[str, Any]]:
+    """The samples of one tar, read once front to back; a part keeps every `parts`-th sample."""
+    with fsspec.open(unit.path, "rb") as fh:
+        samples = osum_format.iter_shard(fh, unit.path)
+        index = 0
+        while True:
+            try:
+                sample = next(samples)
+            except StopIteration:
+                return
+            except osum_format.OsumFormatError as err:
+                log.warning("%s; the rest of this tar is skipped", err)
+                return
+            index += 1
+            if (index - 1) % unit.parts != unit.part:
+                continue
+            record = _record_from_sample(sample, None, f"{unit.path}:{sample.key}")
+            if record is not None:
+                yield record
 
 
-def _label_value(field: str, tag_text: str) -> str | None:
-    """`ADULT` or `<ADULT>` -> `adult` through the one alias table (schemas/labels.py); None when
-    the value is outside the field's vocabulary (the label is then unknown, not an error)."""
-    try:
-        return labels.normalise(field, tag_text)
-    except labels.LabelError:
+def _record_from_sample(sample: osum_format.OsumSample, base: str | None, where: str) -> dict[str, Any] | None:
+    """The record of one OSUM sample with its `_audio`; None (logged) for a sample OSUM's loader drops."""
+    if sample.problems:
+        log.warning("%s: skipped, as OSUM's loader drops it: %s", where, "; ".join(sample.problems))
         return None
-
-
-def parse_align_text(text: str) -> list[dict[str, Any]]:
-    """Words of a `<start>word<end>` transcript (the inverse of samples.align_text)."""
-    return [
-        {"word": m.group(2).strip(), "start": float(m.group(1)), "end": float(m.group(3)), "score": None}
-        for m in _ALIGNED_WORD.finditer(text)
-    ]
+    try:
+        rec = osum_format.record_fields(sample)
+    except ValueError as err:  # a task that is not tags at all
+        log.warning("%s: skipped, not an OSUM sample (%s)", where, err)
+        return None
+    if sample.wav:
+        rec["_audio"] = AudioRef(data=sample.wav)
+    elif sample.wav_path:
+        rec["_audio"] = AudioRef(path=_resolve(sample.wav_path, base or "."), start=sample.start, end=sample.end)
+    else:
+        log.warning("%s: no audio member; only its text tasks are used", where)
+        _set_aside(rec, AUDIO_MISSING)
+    return rec
 
 
 def record_from_osum(obj: dict[str, Any], base_dir: str = ".") -> dict[str, Any]:
-    """An OSUM raw-list entry as a record dict (the fields samples.py reads)."""
-    from echat.model.prompts import LABEL_TAGS, normalize_task
-
-    key, wav = str(obj["key"]), obj["wav"]
-    txt = str(obj.get("txt") or "")
-    task = normalize_task(obj.get("task") or "<TRANSCRIBE>")
-    extra = obj.get("extra") or {}
-    if isinstance(extra, str):
-        extra = json.loads(extra) if extra.strip() else {}
-    lang = obj.get("lang")
-    rec: dict[str, Any] = {
-        "id": key,
-        "source_dataset": extra.get("dataset"),
-        "language": _label_value("language", lang) if isinstance(lang, str) else None,
-        "task": task,
-    }
-    for field in ("age", "gender", "emotion", "style"):
-        tag = extra.get(field)
-        if isinstance(tag, str) and tag.strip() and tag.strip() != vocab.UNKNOWN_PLACEHOLDER:
-            rec[field] = _label_value(field, tag)
-    tags = task.split()
-    if any(t in tags for t in _CHAT_TAGS):
-        rec["reply_text"] = txt.strip() or None
-        rec["transcript"] = (extra.get("question") or "").strip() or None
-        think = (extra.get("think_str") or "").strip()
-        rec["think_text"] = think or None
-        tokens = extra.get("speech_token")
-        rec["reply_speech_tokens"] = [int(t) for t in tokens] if isinstance(tokens, list) and tokens else None
-    elif "<ALIGN>" in tags:
-        words = parse_align_text(txt)
-        rec["words"] = words or None
-        rec["transcript"] = (" " if lang != "zh" else "").join(w["word"] for w in words) if words else _TAG.sub("", txt).strip() or None
-    else:
-        body, tail = _TRAILING_TAGS.match(txt).groups()
-        found = _TAG.findall(tail)
-        label_fields = [LABEL_TAGS[t] for t in tags if t in LABEL_TAGS]
-        if "<TRANSCRIBE>" in tags:
-            rec["transcript"] = body.strip() or None
-        if label_fields == ["events"]:
-            events = list(dict.fromkeys(v for v in (_label_value("events", f) for f in found) if v))
-            rec["events"] = events or None
-        elif len(found) == len(label_fields):
-            for field, value in zip(label_fields, found):
-                parsed = _label_value(field, value)
-                if field == "events":
-                    rec["events"] = [parsed] if parsed else None
-                elif parsed is not None:
-                    rec[field] = parsed
-    start, end = obj.get("start"), obj.get("end")
-    path = str(wav)
-    if not os.path.isabs(path) and os.path.exists(os.path.join(base_dir, path)):
-        path = os.path.join(base_dir, path)
-    rec["_audio"] = AudioRef(path=path, start=float(start) if start is not None else None, end=float(end) if end is not None else None)
+    """An OSUM raw-list entry as a record dict (the fields samples.py reads), its audio resolved
+    against `base_dir`. OsumFormatError (a ValueError) for an entry that is not one."""
+    sample = osum_format.parse_raw_entry(obj)
+    rec = osum_format.record_fields(sample)
+    rec["_audio"] = AudioRef(path=_resolve(sample.wav_path, base_dir), start=sample.start, end=sample.end)
     return rec
-

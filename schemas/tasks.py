@@ -170,6 +170,15 @@ TASKS: dict[str, Task] = {
 if tuple(TASKS) != vocab.TASK_TAGS:  # the table and the vocabulary are one list
     raise AssertionError(f"schemas/tasks.py TASKS {tuple(TASKS)} != vocab.TASK_TAGS {vocab.TASK_TAGS}")
 
+# Other names of the table's tasks -> our tag; `task()` resolves them. OSUM-EChat's names, as its
+# processor.py `tokenize` renames them:
+ALIASES: dict[str, str] = {
+    "<S2TCHAT> <THINKER>": "<S2TCHAT> <THINK>",  # OSUM's speech-to-text reasoning task
+    "<Speech2TEXTandTOKEN>": "<S2TCHAT> <TEXT2TOKEN>",  # OSUM's older name of speech-to-speech
+    "<S2TCHAT> <TEXT2TOKEN> <EMOTION>": "<S2TCHAT> <TEXT2TOKEN>",
+    "<S2TCHAT> <TEXT2TOKEN> <HISTORY>": "<HISTORY>",  # OSUM's name of the multi-turn task
+}
+
 
 def _tag_words() -> tuple[str, ...]:
     seen: dict[str, None] = {}
@@ -230,6 +239,8 @@ def task(tag: str) -> Task:
 def _task(tag: str) -> Task:
     if tag in TASKS:
         return TASKS[tag]
+    if tag in ALIASES:
+        return TASKS[ALIASES[tag]]
     if is_label_task(tag):
         return _label_task(tag)
     raise UnknownTaskError(
