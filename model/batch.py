@@ -13,9 +13,21 @@ The model replaces the single `<|audio|>` token (id `audio_token_id`) with
 for those positions. Samples without speech input (<TEXT2TEXT>, <TEXT2TOKEN>) carry no
 `<|audio|>` token and feature_lengths 0.
 
-When `speech_tokens` has a non-empty row, the target continues after the text with speech:
-the model appends the speech-embedding of [start marker, codes...] and trains the speech head to
-predict [codes..., end]. Codes are CosyVoice 25 Hz tokens, 0..4095.
+When `speech_tokens` has a non-empty row, the sample's reply also has speech: its speech stream
+is [marker, codes..., marker] (marker = 4096, codes are CosyVoice 25 Hz tokens 0..4095), each
+item embedded by the speech embedding and predicted by the speech head. The model lays the reply
+out in one of two ways (the model config's `speech_output.streaming`):
+
+- all at once (streaming None): the text, then the speech stream. The item after <|im_end|> is the
+  start marker, which generation feeds itself.
+- streaming {text_tokens: 6, speech_tokens: 18}: the reply's text (its labelled tail: from the
+  first label to <|im_end|>; a leading `<think>...<think end>` reasoning stays whole in front, as
+  it is never spoken) and the speech stream interleave in blocks: 6 text tokens, 18 speech items,
+  6 text tokens, ..., until the text is used up, then the rest of the speech
+  (`interleave_reply`). A sample without labelled text (<TEXT2TOKEN>) keeps the first layout.
+
+Either way every item is predicted at the position before it (text by text ids, speech by speech
+ids), and the final end marker is a target only, never an input (nothing would follow it).
 """
 
 from __future__ import annotations
@@ -25,6 +37,29 @@ from dataclasses import dataclass, field, fields
 import torch
 
 IGNORE_INDEX = -100
+
+
+def interleave_reply(n_text: int, n_speech: int, text_block: int, speech_block: int) -> list[bool]:
+    """The streaming order of a reply of `n_text` text tokens and `n_speech` speech items: one
+    flag per item, False for the next text token, True for the next speech item.
+
+    OSUM-EChat's rule (`make_streaming_mode_from_s2s`): while text remains, up to `text_block`
+    text tokens, then up to `speech_block` speech items; once the text is used up, all the
+    remaining speech. A short last text block is followed by a full speech block as usual; speech
+    that runs out early leaves the remaining text blocks back to back.
+    """
+    if min(n_text, n_speech) < 0 or min(text_block, speech_block) < 1:
+        raise ValueError("interleave_reply needs counts >= 0 and block sizes >= 1")
+    order: list[bool] = []
+    text_left, speech_left = n_text, n_speech
+    while text_left > 0:
+        take = min(text_block, text_left)
+        order += [False] * take
+        text_left -= take
+        take = min(speech_block, speech_left)
+        order += [True] * take
+        speech_left -= take
+    return order + [True] * speech_left
 
 
 @dataclass

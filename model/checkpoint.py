@@ -163,8 +163,11 @@ def weights_to_keep(model: nn.Module, model_config: Any, trained_groups: Iterabl
         pretrained = {group for group, source in (("encoder", model_config.encoder.name_or_path),
                                                   ("llm", model_config.llm.name_or_path)) if source}
     changed = set(trained_groups)
+    # Every name of a tensor, not only the first: a tied tensor (peft's trainable special-token rows
+    # of a tied LM head, a tied head itself) must be saved under each name the state dict gives it,
+    # or a loader reading the checkpoint by name finds its second name missing.
     return {
-        name for name, p in model.named_parameters()
+        name for name, p in model.named_parameters(remove_duplicate=False)
         if p.requires_grad or group_of(name) not in pretrained or (group_of(name) in changed and name not in ALWAYS_FROZEN)
     }
 

@@ -79,6 +79,10 @@ class LoraSettings(_Strict):
     alpha: int = 32
     dropout: float = 0.1
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj")
+    # Train the embedding and LM-head rows of the tokenizer's special tokens (model/tokenizer.py
+    # SPECIAL_TOKENS) next to LoRA (peft's trainable tokens, group `lora`): without them the frozen
+    # LLM can neither read nor emit the tokens it never saw in pretraining (<think end>, task tags).
+    trainable_tokens: bool = True
 
 
 class LLMConfig(_Strict):
@@ -101,10 +105,33 @@ class LLMConfig(_Strict):
         return value
 
 
+class StreamingLayout(_Strict):
+    """OSUM-EChat's streaming reply: blocks of `text_tokens` reply tokens, then `speech_tokens`
+    speech ids, alternating (model/batch.py `interleave_reply` has the rule)."""
+
+    text_tokens: int = 6
+    speech_tokens: int = 18
+
+    @field_validator("text_tokens", "speech_tokens")
+    @classmethod
+    def _positive_block(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("speech_output.streaming block sizes must be at least 1")
+        return value
+
+
 class SpeechOutputConfig(_Strict):
-    """Speech-token output (OSUM-EChat): CosyVoice codes 0..codebook_size-1, marker id = codebook_size."""
+    """Speech-token output (OSUM-EChat): CosyVoice codes 0..codebook_size-1, marker id = codebook_size.
+
+    joint_softmax: score the targets of a sample with speech targets by one softmax over
+    [text vocabulary ; speech ids] (OSUM-EChat's training loss); False: the LLM head's softmax
+    for text targets and the speech head's for speech targets. streaming: lay out a reply that
+    has both text and speech as interleaved blocks (None: all the text, then all the speech).
+    """
 
     codebook_size: int = 4096
+    joint_softmax: bool = False
+    streaming: StreamingLayout | None = None
 
 
 class TokenizerConfig(_Strict):
@@ -130,8 +157,19 @@ class ModelConfig(_Strict):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     checkpoint: CheckpointConfig | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # How training samples and prompts are laid out and which tokens the tokenizer adds
+    # (model/prompts.py PROFILES): "echat" ours, "osum" OSUM-EChat's own, for fine-tuning a
+    # released checkpoint on what it was trained with.
+    prompt_profile: str = "echat"
     # stage -> parameter groups that train in it (set_trainable); every other parameter is frozen
     stages: dict[str, tuple[str, ...]]
+
+    @field_validator("prompt_profile")
+    @classmethod
+    def _known_prompt_profile(cls, value: str) -> str:
+        from echat.model.prompts import check_profile  # torch-free; the names live with the layouts
+
+        return check_profile(value)
 
     @field_validator("stages")
     @classmethod

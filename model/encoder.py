@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import WhisperConfig
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers import initialization as hf_init
+from transformers.models.whisper.modeling_whisper import WhisperEncoder, sinusoids
 
 # Key renames that let one loader read a saved encoder, a WhisperModel or a
 # WhisperForConditionalGeneration checkpoint (hub id or local path); decoder weights are ignored.
@@ -51,6 +52,17 @@ def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
 
 class WhisperSpeechEncoder(WhisperEncoder):
     """WhisperEncoder on variable-length log-mel input, returning frames and valid lengths."""
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers writes Whisper's sinusoids into the position table from the encoder module's
+        # own `_init_weights` call, and skips that call for a subclass defined outside transformers
+        # whose module holds no parameters directly (`_initialize_weights`, custom-code branch): a
+        # fresh encoder of this class would keep N(0, init_std) noise as its (frozen) position table.
+        # So the table is written here, when its own Embedding is initialised, the call transformers
+        # does make. `hf_init.copy_` skips a table already loaded from a checkpoint.
+        super()._init_weights(module)
+        if module is self.embed_positions:
+            hf_init.copy_(module.weight, sinusoids(*module.weight.shape))
 
     def forward(  # type: ignore[override]
         self, input_features: torch.Tensor, feature_lengths: torch.Tensor | None = None, **_: Any

@@ -17,7 +17,13 @@ early stops leave each sample's positions and attention exactly as if it ran alo
 `generate(model, batch, mode=...)` chains the phases: "text" (ASR, understanding, text chat),
 "speech" (TTS: the prompt is followed directly by speech), "text+speech" (speech-to-speech chat).
 The stop token that ends the text is fed before the speech marker, as in training, where speech
-follows `<|im_end|>`.
+follows `<|im_end|>`. A model trained with `speech_output.streaming` answers "text+speech" in its
+interleaved layout instead (`generate_interleaved`: a text block, a speech block, ...).
+
+The heads follow the phase: the LLM head picks text, the speech head picks speech. That holds for
+a model trained with the joint softmax too (`speech_output.joint_softmax`): OSUM-EChat's decoder
+switches heads the same way, and a softmax over [text ; speech] logits restricted to one part is
+that part's own softmax, so greedy picks and sampling (temperature, top-k, top-p) are unchanged.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ class SpeechResult:
 class Generation:
     text: TextResult | None
     speech: SpeechResult | None
+    blocks: list[list["Block"]] | None = None  # per sample, the interleaved reply (streaming only)
 
 
 def _choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
@@ -215,6 +222,147 @@ def generate_speech(
     return SpeechResult(codes=codes, finished=finished)
 
 
+@dataclass
+class Block:
+    """One block of an interleaved (streaming) reply: text ids or speech codes, as generated."""
+
+    kind: str  # "text" or "speech"
+    ids: list[int]  # text ids without <|im_end|>, or speech codes 0..codebook-1 without the markers
+
+
+@dataclass
+class _Schedule:
+    """One sample's place in the streaming schedule, advanced one generated item at a time."""
+
+    text_block: int
+    speech_block: int
+    max_text: int
+    max_speech: int
+    in_speech: bool = False  # the next item is speech
+    in_block: int = 0  # items of the current block so far
+    text_done: bool = False
+    speech_done: bool = False
+    speech_started: bool = False  # the start marker has been fed
+    done: bool = False
+    text_finished: bool = False  # the text ended with the stop token
+    speech_finished: bool = False  # the speech ended with its end marker
+    tokens: list[int] = field(default_factory=list)
+    codes: list[int] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
+
+    def _keep(self, kind: str, item: int) -> None:
+        if not self.blocks or self.blocks[-1].kind != kind:
+            self.blocks.append(Block(kind, []))
+        self.blocks[-1].ids.append(item)
+
+    def text(self, token: int, stop: bool) -> None:
+        if stop:
+            self.text_done = self.text_finished = True
+        else:
+            self.tokens.append(token)
+            self._keep("text", token)
+            self.text_done = len(self.tokens) >= self.max_text
+        self.in_block += 1
+        if self.text_done or self.in_block == self.text_block:
+            self.in_block = 0
+            if not self.speech_done:
+                self.in_speech = True
+            elif self.text_done:
+                self.done = True
+            # else: the speech has ended, and the text goes on unbroken
+
+    def speech(self, code: int | None, end: bool) -> None:
+        """code None: the start marker, which is fed, not chosen."""
+        if code is None:
+            self.speech_started = True
+        elif end:
+            self.speech_done = self.speech_finished = True
+        else:
+            self.codes.append(code)
+            self._keep("speech", code)
+            self.speech_done = len(self.codes) >= self.max_speech
+        self.in_block += 1
+        if self.speech_done:
+            self.in_block, self.in_speech, self.done = 0, False, self.text_done
+        elif self.in_block == self.speech_block and not self.text_done:
+            self.in_block, self.in_speech = 0, False
+
+
+@torch.inference_mode()
+def generate_interleaved(
+    model: Any,
+    batch_or_state: Batch | DecodeState,
+    text_block: int,
+    speech_block: int,
+    max_text_tokens: int = 256,
+    max_speech_tokens: int = 1500,
+    text_sampling: Sampling | None = None,
+    speech_sampling: Sampling | None = None,
+    stop_ids: list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[TextResult, SpeechResult, list[list[Block]]]:
+    """A streaming reply: `text_block` text tokens, then `speech_block` speech items, and so on.
+
+    The schedule is the training layout's (`batch.interleave_reply`): a text block ends early at
+    the stop token (`<|im_end|>`), which ends the text; from then on the speech runs to its end
+    marker. The first speech item is the start marker, fed here (it counts toward the first speech
+    block, as in training); a speech that ends first leaves the rest of the text to run unbroken.
+    `max_text_tokens` / `max_speech_tokens` cap each stream (text tokens without the stop token,
+    codes without the markers); a capped stream is unfinished.
+    """
+    if model.speech_head is None:
+        raise ValueError(f"config {model.config.name!r} has no speech output")
+    if min(max_text_tokens, max_speech_tokens, text_block, speech_block) < 1:
+        raise ValueError("max_text_tokens, max_speech_tokens and the block sizes must be >= 1")
+    text_sampling, speech_sampling = text_sampling or Sampling(), speech_sampling or Sampling()
+    state = prefill(model, batch_or_state) if isinstance(batch_or_state, Batch) else batch_or_state
+    if stop_ids is None:
+        if model.special_ids is None:
+            raise RuntimeError("no tokenizer bound: pass stop_ids or call model.bind_tokenizer(tokenizer)")
+        stop_ids = [model.special_ids.im_end]
+    stops = set(stop_ids)
+    device = state.last_hidden.device
+    marker = model.speech_marker
+    pad_id = model.special_ids.pad if model.special_ids is not None else 0
+    runs = [_Schedule(text_block, speech_block, max_text_tokens, max_speech_tokens) for _ in range(state.last_hidden.shape[0])]
+
+    while not all(r.done for r in runs):
+        # Each sample's next item: a text token, a speech code, or the start marker (fed, not chosen).
+        chosen = [marker if r.in_speech else pad_id for r in runs]
+        text_rows = [i for i, r in enumerate(runs) if not r.done and not r.in_speech]
+        speech_rows = [i for i, r in enumerate(runs) if not r.done and r.in_speech and r.speech_started]
+        heads = ((text_rows, model.lm_head, text_sampling), (speech_rows, model.speech_head, speech_sampling))
+        for rows, head, sampling in heads:
+            if rows:
+                for i, c in zip(rows, _choose(head(state.last_hidden[rows]), sampling, generator).tolist()):
+                    chosen[i] = c
+        as_speech = [r.in_speech for r in runs]
+        for i, r in enumerate(runs):
+            if r.done:
+                continue
+            if not r.in_speech:
+                r.text(chosen[i], stop=chosen[i] in stops)
+            elif not r.speech_started:
+                r.speech(None, end=False)
+            else:
+                r.speech(chosen[i], end=chosen[i] == marker)
+        fed = torch.tensor([not r.done for r in runs], dtype=torch.bool, device=device)
+        if not bool(fed.any()):
+            break
+        ids = torch.tensor(chosen, dtype=torch.long, device=device)
+        is_speech = torch.tensor(as_speech, dtype=torch.bool, device=device)
+        text_embeds = model.embed_tokens(torch.where(is_speech, pad_id, ids))
+        speech_embeds = model.speech_embed(torch.where(is_speech, ids, marker)).to(text_embeds.dtype)
+        _feed(model, state, torch.where(is_speech[:, None], speech_embeds, text_embeds), fed)
+    tokens = [r.tokens for r in runs]
+    texts = [model.tokenizer.decode(t, skip_special_tokens=False) for t in tokens] if model.tokenizer is not None else []
+    return (
+        TextResult(token_ids=tokens, finished=[r.text_finished for r in runs], texts=texts),
+        SpeechResult(codes=[r.codes for r in runs], finished=[r.speech_finished for r in runs]),
+        [r.blocks for r in runs],
+    )
+
+
 @torch.inference_mode()
 def generate(
     model: Any,
@@ -225,15 +373,31 @@ def generate(
     text_sampling: Sampling | None = None,
     speech_sampling: Sampling | None = None,
     generator: torch.Generator | None = None,
+    streaming: bool | None = None,
 ) -> Generation:
-    """mode: "text" (understanding, text chat), "speech" (TTS), "text+speech" (speech-to-speech chat)."""
+    """mode: "text" (understanding, text chat), "speech" (TTS), "text+speech" (speech-to-speech chat).
+
+    streaming: None follows the model config (`speech_output.streaming`); True needs a config with
+    a streaming layout; False answers "text+speech" as text, then speech, whatever the config.
+    """
     if mode not in ("text", "speech", "text+speech"):
         raise ValueError(f"mode must be 'text', 'speech' or 'text+speech', not {mode!r}")
+    speech_config = getattr(model.config, "speech_output", None)
+    layout = speech_config.streaming if speech_config is not None else None
+    if streaming and layout is None:
+        raise ValueError(f"streaming generation needs speech_output.streaming in config {model.config.name!r}")
+    interleave = mode == "text+speech" and layout is not None and streaming is not False
     was_training = model.training
     model.eval()
     try:
         state = prefill(model, batch)
         text = speech = None
+        if interleave:
+            text, speech, blocks = generate_interleaved(
+                model, state, layout.text_tokens, layout.speech_tokens, max_text_tokens, max_speech_tokens,
+                text_sampling, speech_sampling, generator=generator,
+            )
+            return Generation(text=text, speech=speech, blocks=blocks)
         if mode in ("text", "text+speech"):
             text, state = generate_text(
                 model, state, max_text_tokens, text_sampling, generator=generator, feed_final=mode == "text+speech"

@@ -27,7 +27,7 @@ import numpy as np
 
 from echat.model import prompts
 from echat.schemas import tasks
-from echat.schemas.reasoning import reply_emotion_of, split_think, wrap_think
+from echat.schemas.reasoning import THINK_END, THINK_START, reply_emotion_of, split_think, wrap_think
 from echat.schemas.record import SAMPLE_RATE
 
 AudioInput = Union[str, Path, bytes, np.ndarray, tuple]
@@ -223,7 +223,9 @@ class Predictor:
             model.bind_tokenizer(tokenizer)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.encoder = prompts.ChatEncoder(tokenizer)
-        self.instructions = instructions if instructions is not None else prompts.load_instructions()
+        # the instructions of the tokenizer's prompt profile (an osum checkpoint: OSUM's layout)
+        self.instructions = instructions if instructions is not None else \
+            prompts.load_instructions(profile=prompts.tokenizer_profile(tokenizer))
         n_mels = int(model.encoder.config.num_mel_bins)
         self.extractor = LogMelExtractor(n_mels=n_mels)
         # Whisper's position table bounds the input: 2 mel frames per encoder position (30 s).
@@ -373,6 +375,16 @@ class Predictor:
 
     # ------------------------------------------------------------------ chatting
 
+    def _cut_at_text(self, tokens: list[int], marker: str) -> tuple[list[int], list[int] | None]:
+        """(the tokens before `marker`, the tokens that spell it) where the decoded text first
+        holds `marker`; (tokens, None) when it never does."""
+        for k in range(1, len(tokens) + 1):
+            if marker in self.tokenizer.decode(tokens[:k], skip_special_tokens=False):
+                for j in range(k - 1, -1, -1):  # the shortest tail that still spells the marker
+                    if marker in self.tokenizer.decode(tokens[j:k], skip_special_tokens=False):
+                        return tokens[:j], tokens[j:k]
+        return tokens, None
+
     def chat(
         self,
         audio: AudioInput,
@@ -415,20 +427,28 @@ class Predictor:
         forced = False
         if think:
             # Phase 1: the reasoning, from the prompt plus the opening <think>, until <think end>.
-            opened = prompt + [ids.think_start]
+            # Under the osum prompt profile the markers are plain text of several tokens: the
+            # reasoning then runs until <|im_end|> and is cut where its text closes the trace.
+            single = ids.think_start is not None
+            start = [ids.think_start] if single else self.tokenizer.encode(THINK_START, add_special_tokens=False)
+            opened = prompt + start
             reasoning, _ = generate_text(
                 self.model, self._batch([_Request("chat", opened, wav)]), max_new_tokens=max_think_tokens,
-                sampling=sampling, stop_ids=[ids.think_end], generator=generator,
+                sampling=sampling, stop_ids=[ids.think_end] if single else [ids.im_end], generator=generator,
             )
-            think_tokens = reasoning.token_ids[0]
-            if ids.im_end in think_tokens:
+            think_tokens, end = reasoning.token_ids[0], None
+            if not single:
+                think_tokens, end = self._cut_at_text(think_tokens, THINK_END)
+            if end is None and ids.im_end in think_tokens:
                 # The model closed its answer inside the reasoning: that is its answer, no reply follows.
                 think_tokens = think_tokens[: think_tokens.index(ids.im_end)]
-                text = self.tokenizer.decode([ids.think_start, *think_tokens], skip_special_tokens=False)
+                text = self.tokenizer.decode([*start, *think_tokens], skip_special_tokens=False)
                 return ChatResult(think=split_think(text)[0] or "", reply_text="", reply_emotion=reply_emotion_of(text),
                                   speech_tokens=[], text=text, finished=True)
-            forced = not reasoning.finished[0]
-            prompt = opened + think_tokens + [ids.think_end]
+            forced = end is None and not (single and reasoning.finished[0])
+            if end is None:
+                end = [ids.think_end] if single else self.tokenizer.encode(THINK_END, add_special_tokens=False)
+            prompt = opened + think_tokens + end
         # Phase 2: the reply (and its speech) after the closed reasoning.
         result = generate(
             self.model, self._batch([_Request("chat", prompt, wav)]), mode=mode,

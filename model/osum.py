@@ -22,11 +22,26 @@ embeddings (normal, std = the LLM's initializer_range).
 
 Sequence and targets (the batch contract, model/batch.py): the one `<|audio|>` token of a sample
 is replaced by [begin, valid speech frames, end] (labels -100 there). When the sample has speech
-targets, [marker, codes...] embedded by `speech_embed` follow its last text token (`<|im_end|>`),
-and the speech head learns to predict [codes..., marker] at those positions. Text is scored by the
-LLM's head over its vocabulary, speech by the speech head over 4097 classes (the reference scores
-both with one softmax over the concatenated vocabularies; separate softmaxes keep the heads
-independent, and generation switches from text to speech at `<|im_end|>`).
+targets, its reply is laid out with the speech stream [marker, codes..., marker] embedded by
+`speech_embed`: after the text (its last text token is `<|im_end|>`), or, with
+`speech_output.streaming`, interleaved with the reply text in blocks (6 text tokens, 18 speech
+items, ...; `batch.interleave_reply`). Each item is the target of the position before it; the
+final end marker is a target only. The start marker is a target only under the joint softmax
+(OSUM-EChat predicts it; generation here always feeds it, which is the same token).
+
+How targets are scored (`speech_output.joint_softmax`):
+
+    split (False)  text targets by the LLM head over the text vocabulary, speech targets by the
+                   speech head over 4097 classes: two softmaxes, two independent heads.
+    joint (True)   OSUM-EChat's loss: in a sample with speech targets, every target (text and
+                   speech) is scored by one softmax over [text logits ; speech logits], a speech
+                   id s standing for class (text vocabulary size + s); a sample without speech
+                   targets is scored by the LLM head alone, as the reference's text tasks are.
+                   Text and speech then compete for probability mass at every position.
+
+Generation switches heads by phase in both modes (text until `<|im_end|>`, then speech; or by the
+streaming schedule), as the reference's decoder does: the joint softmax restricted to one part of
+the vocabulary is exactly that part's own softmax, so decoding needs no change (model/generate.py).
 
     loss        = (sum of text CE + sum of speech CE) / (text targets + speech targets)
                   (a token-level mean, as the reference's single mean CE over all targets)
@@ -47,7 +62,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from echat.model.adapter import SpeechAdapter
-from echat.model.batch import IGNORE_INDEX, Batch
+from echat.model.batch import IGNORE_INDEX, Batch, interleave_reply
 from echat.model.config import GROUPS, STAGES, ModelConfig, load_config
 from echat.model.encoder import WhisperSpeechEncoder, build_encoder, load_encoder, padding_mask
 
@@ -75,6 +90,7 @@ class Assembled:
     lengths: torch.Tensor  # (B,)
     text_targets: torch.Tensor  # (B, L'): the text id the hidden state at each position predicts, or -100
     speech_targets: torch.Tensor  # (B, L'): the speech id it predicts (0..codebook), or -100
+    joint: torch.Tensor  # (B,) bool: the sample's targets are scored by the joint softmax
 
 
 class OSUMEChatModel(nn.Module):
@@ -198,7 +214,7 @@ class OSUMEChatModel(nn.Module):
         speech_tokens = batch.speech_tokens.to(device)
         ignore = lambda n: torch.full((n,), IGNORE_INDEX, dtype=torch.long, device=device)  # noqa: E731
 
-        seq_embeds, seq_text, seq_speech = [], [], []
+        seq_embeds, seq_text, seq_speech, seq_joint = [], [], [], []
         for i in range(bsz):
             n = int(lengths[i])
             ids, emb, lab = input_ids[i, :n], text_embeds[i, :n], labels[i, :n]
@@ -213,7 +229,10 @@ class OSUMEChatModel(nn.Module):
                 if len(where):
                     raise ValueError(f"sample {i} has an <|audio|> token but feature_lengths 0")
                 parts, labs = [emb], [lab]
-            speech_target = None
+            # Per input position: the text label and the speech label it carries (at most one of them
+            # is set); `final` is the target after the last input (the speech end marker).
+            embeds, text_labels = torch.cat(parts), torch.cat(labs)
+            speech_labels, final = ignore(embeds.shape[0]), IGNORE_INDEX
             s = int(n_codes[i])
             if s > 0:
                 if self.speech_embed is None:
@@ -221,20 +240,12 @@ class OSUMEChatModel(nn.Module):
                 codes = speech_tokens[i, :s]
                 if bool(((codes < 0) | (codes >= self.codebook_size)).any()):
                     raise ValueError(f"sample {i}: speech tokens must be in 0..{self.codebook_size - 1}")
-                marker = torch.full((1,), self.speech_marker, dtype=torch.long, device=device)
-                parts.append(self.speech_embed(torch.cat([marker, codes])).to(emb.dtype))
-                labs.append(ignore(s + 1))
-                speech_target = torch.cat([codes, marker])
-            embeds = torch.cat(parts)
-            total = embeds.shape[0]
-            # Next-token targets: the hidden state at t predicts the label at t + 1.
-            text_target = torch.cat([torch.cat(labs)[1:], ignore(1)])
-            speech_full = ignore(total)
-            if speech_target is not None:
-                speech_full[total - speech_target.shape[0]:] = speech_target
+                embeds, text_labels, speech_labels, final = self._lay_out_reply(embeds, text_labels, codes)
+            # Next-item targets: the hidden state at t predicts the item at t + 1.
             seq_embeds.append(embeds)
-            seq_text.append(text_target)
-            seq_speech.append(speech_full)
+            seq_text.append(torch.cat([text_labels[1:], ignore(1)]))
+            seq_speech.append(torch.cat([speech_labels[1:], torch.full((1,), final, dtype=torch.long, device=device)]))
+            seq_joint.append(s > 0 and self.joint_softmax)
 
         out_lengths = torch.tensor([e.shape[0] for e in seq_embeds], device=device)
         pad = nn.utils.rnn.pad_sequence
@@ -244,9 +255,103 @@ class OSUMEChatModel(nn.Module):
             lengths=out_lengths,
             text_targets=pad(seq_text, batch_first=True, padding_value=IGNORE_INDEX),
             speech_targets=pad(seq_speech, batch_first=True, padding_value=IGNORE_INDEX),
+            joint=torch.tensor(seq_joint, dtype=torch.bool, device=device),
         )
 
+    def _lay_out_reply(
+        self, embeds: torch.Tensor, text_labels: torch.Tensor, codes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Add the speech stream [marker, codes..., marker] to one sample's text (the batch contract).
+
+        Returns the input embeddings, the text and speech label of each input, and the target
+        after the last input. Without streaming the stream follows all the text; with it, the
+        reply's text (after any reasoning) and the stream interleave (`batch.interleave_reply`).
+        """
+        device = embeds.device
+        marker = torch.full((1,), self.speech_marker, dtype=torch.long, device=device)
+        stream = torch.cat([marker, codes, marker])
+        stream_labels = stream.clone()
+        if not self.joint_softmax:
+            stream_labels[0] = IGNORE_INDEX  # the start marker is fed by generation, not predicted
+        stream_embeds = self.speech_embed(stream).to(embeds.dtype)
+        start = self._interleave_start(text_labels)
+        n_text, n_stream = embeds.shape[0] - start, stream.shape[0]
+        layout = self.config.speech_output.streaming
+        if start < embeds.shape[0] and layout is not None:
+            order = interleave_reply(n_text, n_stream, layout.text_tokens, layout.speech_tokens)
+        else:
+            order = [False] * n_text + [True] * n_stream
+        # Gather the reply's items (text first in `body`, then the stream) in their layout order.
+        index, next_text, next_speech = [], 0, n_text
+        for is_speech in order:
+            if is_speech:
+                index.append(next_speech)
+                next_speech += 1
+            else:
+                index.append(next_text)
+                next_text += 1
+        final = IGNORE_INDEX
+        if order[-1]:  # the end marker comes last: it is a target, never an input
+            final, index = int(stream_labels[-1]), index[:-1]
+        index_t = torch.tensor(index, dtype=torch.long, device=device)
+        ignore = lambda n: torch.full((n,), IGNORE_INDEX, dtype=torch.long, device=device)  # noqa: E731
+        body_embeds = torch.cat([embeds[start:], stream_embeds])[index_t]
+        body_text = torch.cat([text_labels[start:], ignore(n_stream)])[index_t]
+        body_speech = torch.cat([ignore(n_text), stream_labels])[index_t]
+        return (
+            torch.cat([embeds[:start], body_embeds]),
+            torch.cat([text_labels[:start], body_text]),
+            torch.cat([ignore(start), body_speech]),
+            final,
+        )
+
+    def _interleave_start(self, text_labels: torch.Tensor) -> int:
+        """Where the speech stream joins the text: the end of the text without streaming; with it,
+        the first reply token after any `<think>...<think end>` reasoning (which is never spoken).
+        A sample with no labelled text (<TEXT2TOKEN>) has no reply text: the end, too."""
+        total = text_labels.shape[0]
+        if self.config.speech_output.streaming is None:
+            return total
+        labelled = (text_labels != IGNORE_INDEX).nonzero().flatten()
+        if len(labelled) == 0:
+            return total
+        start = int(labelled[0])
+        end_ids = self._think_end_ids()
+        width = len(end_ids)
+        reply = text_labels[start:]
+        if width and reply.shape[0] >= width:
+            pattern = torch.tensor(end_ids, dtype=reply.dtype, device=reply.device)
+            hits = (reply.unfold(0, width, 1) == pattern).all(1).nonzero().flatten()
+            if len(hits):
+                start += int(hits[0]) + width
+        return start
+
+    def _think_end_ids(self) -> list[int]:
+        """The token ids of `<think end>`: one special token in our tokenizers, several ordinary
+        ones in OSUM's (its streaming code looks for that run of ids the same way)."""
+        if self.special_ids is None:
+            return []
+        if self.special_ids.think_end is not None:
+            return [self.special_ids.think_end]
+        from echat.schemas.reasoning import THINK_END
+
+        return list(self.tokenizer(THINK_END, add_special_tokens=False)["input_ids"])
+
     # ------------------------------------------------------------ forward
+
+    @property
+    def joint_softmax(self) -> bool:
+        """Whether speech samples are scored by one softmax over [text vocabulary ; speech ids]."""
+        return bool(self.config.speech_output is not None and self.config.speech_output.joint_softmax)
+
+    @property
+    def text_vocab_size(self) -> int:
+        """Classes of the LLM head: a speech id s is class text_vocab_size + s of the joint softmax."""
+        return int(self.lm_head.weight.shape[0])
+
+    def joint_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[text logits ; speech logits] over the last dimension: the joint softmax's classes."""
+        return torch.cat([self.lm_head(hidden), self.speech_head(hidden)], dim=-1)
 
     def forward(self, batch: Batch, return_logits: bool = False) -> OSUMOutput:
         inputs = self.assemble(batch)
@@ -257,14 +362,24 @@ class OSUMEChatModel(nn.Module):
         text_mask = inputs.text_targets != IGNORE_INDEX
         speech_mask = inputs.speech_targets != IGNORE_INDEX
         n_text, n_speech = int(text_mask.sum()), int(speech_mask.sum())
+        joint_mask = inputs.joint[:, None] & (text_mask | speech_mask)
         ce = nn.functional.cross_entropy
         text_sum = speech_sum = None
-        if n_text:
-            logits = self.lm_head(hidden[text_mask]).float()
-            text_sum = ce(logits, inputs.text_targets[text_mask], reduction="sum")
-        if n_speech:
-            logits = self.speech_head(hidden[speech_mask]).float()
-            speech_sum = ce(logits, inputs.speech_targets[speech_mask], reduction="sum")
+        split_text, split_speech = text_mask & ~joint_mask, speech_mask & ~joint_mask
+        if bool(split_text.any()):
+            logits = self.lm_head(hidden[split_text]).float()
+            text_sum = ce(logits, inputs.text_targets[split_text], reduction="sum")
+        if bool(split_speech.any()):
+            logits = self.speech_head(hidden[split_speech]).float()
+            speech_sum = ce(logits, inputs.speech_targets[split_speech], reduction="sum")
+        if bool(joint_mask.any()):
+            is_speech = speech_mask[joint_mask]
+            targets = torch.where(
+                is_speech, inputs.speech_targets[joint_mask] + self.text_vocab_size, inputs.text_targets[joint_mask]
+            )
+            per_target = ce(self.joint_logits(hidden[joint_mask]).float(), targets, reduction="none")
+            text_sum = _add(text_sum, per_target[~is_speech].sum() if bool((~is_speech).any()) else None)
+            speech_sum = _add(speech_sum, per_target[is_speech].sum() if bool(is_speech.any()) else None)
         if n_text + n_speech:
             total = sum(x for x in (text_sum, speech_sum) if x is not None)
             loss = total / (n_text + n_speech)
@@ -282,6 +397,13 @@ class OSUMEChatModel(nn.Module):
             if self.speech_head is not None:
                 out.speech_logits = self.speech_head(hidden)
         return out
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """Sum of two partial losses, either of which may be absent."""
+    if a is None:
+        return b
+    return a if b is None else a + b
 
 
 # ---------------------------------------------------------------- building
@@ -308,7 +430,48 @@ def check_architecture(loaded: Any, expected: dict[str, Any], where: str) -> Non
         raise ValueError(f"{where} checkpoint does not match the model config: " + "; ".join(wrong))
 
 
-def _build_parts(cfg: ModelConfig, load_weights: bool, dtype: torch.dtype) -> OSUMEChatModel:
+def special_token_rows(tokenizer: Any) -> list[int]:
+    """The embedding rows of the special tokens the tokenizer carries for its prompt profile
+    (tokenizer.profile_special_tokens: SPECIAL_TOKENS under `echat`): the rows a LoRA config trains
+    (`llm.lora.trainable_tokens`). Every one of them is read or emitted in the prompts; the ones a
+    pretrained LLM lacks (<|audio|>, <think end>, task tags) start as untrained spare rows. Derived
+    from the token strings, so a checkpoint's saved tokenizer gives the rows it was trained with."""
+    from echat.model.tokenizer import profile_special_tokens
+
+    rows = []
+    for token in profile_special_tokens(tokenizer):
+        row = tokenizer.convert_tokens_to_ids(token)
+        if row is None or tokenizer.convert_ids_to_tokens(row) != token:
+            raise ValueError(f"tokenizer lacks the special token {token!r} (load it with tokenizer.load_tokenizer)")
+        rows.append(int(row))
+    return sorted(set(rows))
+
+
+def _trainable_token_targets(llm: nn.Module, rows: list[int]) -> dict[str, list[int]]:
+    """peft's `trainable_token_indices` for the LLM's input embedding and its LM head (by module
+    name). With tied weights peft ties the head's rows to the embedding's; untied, the head gets its
+    own trainable rows, which is what lets the model emit the tokens."""
+    names = {id(module): name for name, module in llm.named_modules()}
+    targets = {names[id(llm.get_input_embeddings())]: list(rows)}
+    head = llm.get_output_embeddings()
+    if head is not None and id(head) in names:
+        targets[names[id(head)]] = list(rows)
+    return targets
+
+
+def _expose_table_size(llm: nn.Module) -> None:
+    """peft's trainable-token wrapper forwards only `weight` of the table it wraps; the model also
+    reads `num_embeddings` / `embedding_dim` (bind_tokenizer, assemble), so give the wrapper them."""
+    embed = llm.get_input_embeddings()
+    base = getattr(getattr(embed, "token_adapter", None), "base_layer", None)
+    if base is not None:
+        embed.num_embeddings, embed.embedding_dim = base.num_embeddings, base.embedding_dim
+
+
+def _build_parts(
+    cfg: ModelConfig, load_weights: bool, dtype: torch.dtype, token_rows: list[int] | None = None
+) -> OSUMEChatModel:
+    """The model's modules. token_rows: the special-token rows a LoRA config trains (None: none)."""
     from transformers import AutoModelForCausalLM
 
     if load_weights and cfg.encoder.name_or_path:
@@ -333,12 +496,15 @@ def _build_parts(cfg: ModelConfig, load_weights: bool, dtype: torch.dtype) -> OS
         from peft import LoraConfig, TaskType, get_peft_model
 
         lora = cfg.llm.lora
+        token_targets = _trainable_token_targets(llm, token_rows) if lora.trainable_tokens and token_rows else None
         with warnings.catch_warnings():  # peft calls a transformers API that v5 deprecates
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             llm = get_peft_model(llm, LoraConfig(
                 task_type=TaskType.CAUSAL_LM, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
+                target_modules=list(lora.target_modules), trainable_token_indices=token_targets,
             ))
+        if token_targets:
+            _expose_table_size(llm)
     return OSUMEChatModel(cfg, encoder, adapter, llm).to(dtype)
 
 
@@ -356,7 +522,9 @@ def build_model(
     a part without one is randomly initialised), then `checkpoint` (if the config has one) is laid
     over the whole model. Otherwise every part is randomly initialised.
     tokenizer: None loads the config's tokenizer and binds it (not on meta); False binds none;
-    or a tokenizer object to bind.
+    or a tokenizer object to bind. A LoRA config with `trainable_tokens` trains the rows of the
+    tokenizer's special tokens (special_token_rows), so the tokenizer shapes the model: built
+    without one (tokenizer=False, or on meta) it has no trainable token rows.
     """
     cfg = load_config(config)
     if isinstance(dtype, str):
@@ -367,13 +535,14 @@ def build_model(
             raise ValueError("load_weights=True cannot build on the meta device")
         with torch.device("meta"):
             return _build_parts(cfg, load_weights=False, dtype=dtype)
-    model = _build_parts(cfg, load_weights=load_weights, dtype=dtype)
-    if load_weights and cfg.checkpoint is not None:
-        load_checkpoint(model, cfg.checkpoint.path, cfg.checkpoint.format)
     if tokenizer is None:
         from echat.model.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg)
+    token_rows = special_token_rows(tokenizer) if tokenizer is not False and cfg.llm.lora is not None else None
+    model = _build_parts(cfg, load_weights=load_weights, dtype=dtype, token_rows=token_rows)
+    if load_weights and cfg.checkpoint is not None:
+        load_checkpoint(model, cfg.checkpoint.path, cfg.checkpoint.format)
     if tokenizer is not False:
         model.bind_tokenizer(tokenizer)
     return model.to(device)
@@ -438,11 +607,16 @@ def _unwrap(model: nn.Module) -> OSUMEChatModel:
     return inner
 
 
+# peft's adapter parameters inside the LLM: LoRA matrices and the trainable special-token rows.
+# Both are group `lora`: they train together, and the pretrained LLM does not hold them.
+_LLM_ADAPTER_MARKS = (".lora_", ".trainable_tokens_delta.")
+
+
 def group_of(name: str) -> str:
     """The parameter group (config.GROUPS) of a parameter name of OSUMEChatModel."""
     top = name.split(".", 1)[0]
     if top == "llm":
-        return "lora" if ".lora_" in name else "llm"
+        return "lora" if any(mark in name for mark in _LLM_ADAPTER_MARKS) else "llm"
     if top in GROUPS:
         return top
     raise ValueError(f"parameter {name!r} belongs to no group")

@@ -18,6 +18,13 @@ The task tags' paraphrased instructions are data: `model/instructions/*.yaml`, e
 task tag -> list of instructions, the layout of OSUM's own `prompt_config.yaml`. System prompts
 and instructions name the reasoning markers in words ("think tags"), never as `<think>`: the
 tokenizer would read that as the control token itself.
+
+Prompt profiles: this layout is the `echat` profile (the default). The `osum` profile
+(model/osum_prompts.py) lays samples out as OSUM-EChat's own code does, so a released checkpoint
+fine-tuned here sees what it was trained on. The model config names the profile
+(`prompt_profile`); `tokenizer.load_tokenizer` builds the profile's tokenizer and marks it with the
+profile's name, and everything that encodes with that tokenizer (ChatEncoder, SampleBuilder) follows
+the mark, so the vocabulary and the layout cannot disagree.
 """
 
 from __future__ import annotations
@@ -42,6 +49,26 @@ IM_END = "<|im_end|>"
 PAD = "<|endoftext|>"
 AUDIO = "<|audio|>"  # the one placeholder the model replaces with the speech embeddings
 INSTRUCTION_SEPARATOR = "\n"  # between an instruction and the user's text in one user turn
+
+# Prompt profiles (see the module docstring).
+ECHAT = "echat"
+OSUM = "osum"
+PROFILES: tuple[str, ...] = (ECHAT, OSUM)
+DEFAULT_PROFILE = ECHAT
+# The attribute a tokenizer built for a profile carries (tokenizer.load_tokenizer sets it).
+PROFILE_ATTRIBUTE = "echat_prompt_profile"
+
+
+def check_profile(name: Any) -> str:
+    """`name` if it is a known prompt profile; ValueError naming it and the choices otherwise."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown prompt profile {name!r}; choices: {', '.join(PROFILES)}")
+    return name
+
+
+def tokenizer_profile(tokenizer: Any) -> str:
+    """The prompt profile a tokenizer was built for (unmarked: the default, `echat`)."""
+    return check_profile(getattr(tokenizer, PROFILE_ATTRIBUTE, None) or DEFAULT_PROFILE)
 
 # Output types: each has its own system prompt, keyed by the prompt kinds of the task table
 # (schemas/tasks.py). The wording follows the roles of OSUM-EChat's system prompts
@@ -103,11 +130,17 @@ def default_instructions_dir() -> Path:
     return Path(str(resources.files("echat.model").joinpath("instructions")))
 
 
-def load_instructions(folder: str | Path | None = None) -> dict[str, tuple[str, ...]]:
+def load_instructions(folder: str | Path | None = None, profile: str = DEFAULT_PROFILE) -> dict[str, tuple[str, ...]]:
     """Task tag -> paraphrased instructions, from every `*.yaml` in `folder` (default: ours).
 
     Raises InstructionError naming the file and key for a malformed entry or a tag defined twice.
+    profile `osum`: the osum profile's files (model/instructions/osum/instructions_{zh,en}.yaml,
+    or those in `folder`), see osum_prompts.load_instructions.
     """
+    if check_profile(profile) == OSUM:
+        from echat.model import osum_prompts
+
+        return osum_prompts.load_instructions(folder)
     folder = Path(folder) if folder is not None else default_instructions_dir()
     if folder == default_instructions_dir():
         return _default_instructions()
@@ -154,6 +187,10 @@ class Segment:
     text: str
     train: bool = False
     cache: bool = False
+    # Token ids inside a trained segment that are masked from the loss anyway and fed to the model
+    # as `hide_as` (the osum profile's `<&&>` rule, osum_prompts).
+    hide: frozenset[int] = frozenset()
+    hide_as: int = 0
 
 
 def target_segments(target: str) -> list[Segment]:
@@ -176,11 +213,13 @@ class ChatEncoder:
     texts, history turns and targets are not, so the cache stays as small as the fixed pieces.
     """
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, profile: str | None = None):
         from echat.model.batch import IGNORE_INDEX  # here: this module stays free of torch
 
         self.ignore_index = IGNORE_INDEX
         self.tokenizer = tokenizer
+        # The profile decides the prompt layout; by default the one the tokenizer was built for.
+        self.profile = check_profile(profile) if profile is not None else tokenizer_profile(tokenizer)
         missing = [t for t in (IM_START, IM_END, AUDIO) if _single_token_id(tokenizer, t) is None]
         if missing:
             raise ValueError(f"the tokenizer lacks the special token(s) {', '.join(missing)} as single tokens")
@@ -210,8 +249,16 @@ class ChatEncoder:
         labels: list[int] = []
         for seg in segments:
             ids = self.ids(seg.text, cache=seg.cache)
-            input_ids.extend(ids)
-            labels.extend(ids if seg.train else [self.ignore_index] * len(ids))
+            if seg.hide:
+                input_ids.extend(seg.hide_as if i in seg.hide else i for i in ids)
+            else:
+                input_ids.extend(ids)
+            if not seg.train:
+                labels.extend([self.ignore_index] * len(ids))
+            elif seg.hide:
+                labels.extend(self.ignore_index if i in seg.hide else i for i in ids)
+            else:
+                labels.extend(ids)
         return input_ids, labels
 
     def prompt_ids(
@@ -223,8 +270,16 @@ class ChatEncoder:
         with_audio: bool = True,
         history: list[dict[str, str]] | None = None,
     ) -> list[int]:
-        """The prompt up to and including `<|im_start|>assistant\\n`: what inference feeds the model."""
-        ids, _ = self.encode(prompt_segments(out_type, instruction=instruction, user_text=user_text, with_audio=with_audio, history=history))
+        """The prompt up to and including `<|im_start|>assistant\\n`: what inference feeds the model,
+        in the layout of this encoder's profile."""
+        if self.profile == OSUM:
+            from echat.model import osum_prompts
+
+            segments = osum_prompts.prompt_segments(out_type, instruction=instruction, user_text=user_text,
+                                                    with_audio=with_audio, history=history)
+        else:
+            segments = prompt_segments(out_type, instruction=instruction, user_text=user_text, with_audio=with_audio, history=history)
+        ids, _ = self.encode(segments)
         return ids
 
 

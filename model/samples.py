@@ -24,6 +24,10 @@ space (OSUM's `process_text` deletes the spaces around `<` and `>`), `vocab.osum
 timestamps follow the instructions OSUM trains `<TRANSCRIBE> <ALIGN>` with ("add a timestamp before
 and after each word, in <>, to 0.1 s"): start and end of each word, in seconds with one decimal.
 
+Prompt profiles (model/prompts.py): the layout above is the `echat` profile; under `osum` the same
+targets are laid out and normalised as OSUM-EChat's own code does (model/osum_prompts.py), with the
+`osum` instruction files. The profile is the tokenizer's (`prompts.tokenizer_profile`) unless given.
+
 Each task's weight is the expected number of samples it yields per supporting record per epoch
 (1.0: every record once; 0.25: a quarter of them; 2.0: twice, with different instructions). All
 random choices (which records, which instruction, which reasoning form) come from a generator
@@ -40,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from echat.model import prompts
+from echat.model import osum_prompts, prompts
 from echat.model.features import AudioRef, num_frames
 from echat.model.prompts import LABEL_VOCAB, Segment
 from echat.schemas import tasks as task_table
@@ -53,6 +57,17 @@ SPEECH_CODES = 4096  # CosyVoice 25 Hz codes are 0..4095
 # Mel frames (100 Hz) per LLM position: the Whisper conv halves them, the adapter's strides 2 and 2
 # quarter them again (12.5 Hz), DESIGN.md "The model package".
 FRAMES_PER_POSITION = 8
+# Positions the model adds around the spliced speech (model/osum.py `assemble`): the <|audio|>
+# token (1) gives way to [begin vector, speech frames, end vector]: 2 more than the frames.
+SPEECH_BOUNDS = 2
+# The speech-target input is [marker, codes...] (assemble): one position more than the codes.
+SPEECH_TARGET_MARKERS = 1
+
+
+def speech_positions(frames: int) -> int:
+    """LLM positions of `frames` mel frames: each stride-2 conv (Whisper's conv2, the adapter's two)
+    keeps ceil(L / 2) frames (padded convolutions), so ceil(frames / 8) in all."""
+    return -(-int(frames) // FRAMES_PER_POSITION) if frames > 0 else 0
 
 
 @dataclass
@@ -69,9 +84,15 @@ class Sample:
 
     @property
     def seq_len(self) -> int:
-        """About the LLM's sequence length: tokens, the speech positions the model splices in for
-        the one <|audio|> token (12.5 per second: 8 mel frames each), and the speech targets."""
-        return len(self.input_ids) + self.num_frames // FRAMES_PER_POSITION + len(self.speech_tokens)
+        """The LLM's sequence length for this sample, exactly as model/osum.py `assemble` lays it out:
+        the tokens, the <|audio|> token replaced by [begin, speech frames, end], then [marker,
+        codes...] for a speech target."""
+        n = len(self.input_ids)
+        if self.audio is not None and self.num_frames > 0:
+            n += speech_positions(self.num_frames) + SPEECH_BOUNDS - 1
+        if self.speech_tokens:
+            n += len(self.speech_tokens) + SPEECH_TARGET_MARKERS
+        return n
 
 
 def align_text(words: list[dict[str, Any]], language: str | None = None) -> str:
@@ -95,7 +116,8 @@ class SampleBuilder:
     think_text_ratio: share of reasoning samples given the natural-language form rather than the tag
     form (when a record has both). min_label_score: a label below this score does not make a label
     task. chat_instruction_ratio: share of dialogue/TTS samples whose user turn also gets an
-    instruction (OSUM-EChat: none). instructions: a folder of instruction YAMLs or a loaded table.
+    instruction (OSUM-EChat: none). instructions: a folder of instruction YAMLs or a loaded table
+    (default: the profile's own). profile: the prompt profile (default: the tokenizer's).
     """
 
     def __init__(
@@ -108,13 +130,18 @@ class SampleBuilder:
         chat_instruction_ratio: float = 0.0,
         instructions: str | Path | dict[str, tuple[str, ...]] | None = None,
         seed: int = 0,
+        profile: str | None = None,
     ):
         if not tasks:
             raise ValueError("name at least one task")
         for name, value in (("think_text_ratio", think_text_ratio), ("chat_instruction_ratio", chat_instruction_ratio)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, not {value}")
-        table = instructions if isinstance(instructions, dict) else prompts.load_instructions(instructions)
+        self.profile = prompts.check_profile(profile) if profile is not None else prompts.tokenizer_profile(tokenizer)
+        if self.profile == prompts.OSUM and chat_instruction_ratio > 0:
+            raise ValueError("chat_instruction_ratio must be 0 under the osum prompt profile: OSUM-EChat never "
+                             "puts an instruction in a dialogue or TTS user turn")
+        table = instructions if isinstance(instructions, dict) else prompts.load_instructions(instructions, profile=self.profile)
         self.tasks: dict[str, float] = {}
         for raw, weight in tasks.items():
             task = task_table.task(raw).tag  # ValueError (UnknownTaskError) naming an unknown task
@@ -125,13 +152,17 @@ class SampleBuilder:
                 raise ValueError(f"no instructions for task {task!r}: add a list for it to an instructions YAML")
             if task in self.tasks:
                 raise ValueError(f"task {task!r} is given twice")
+            if self.profile == prompts.OSUM and task_table.task(task).history:
+                raise ValueError(f"task {task!r} cannot be trained under the osum prompt profile: OSUM-EChat "
+                                 "embeds earlier user turns as speech, our history turns are text")
             self.tasks[task] = float(weight)
         self.instructions = table
         self.think_text_ratio = think_text_ratio
         self.min_label_score = min_label_score
         self.chat_instruction_ratio = chat_instruction_ratio
         self.seed = seed
-        self.encoder = prompts.ChatEncoder(tokenizer)
+        self.encoder = prompts.ChatEncoder(tokenizer, profile=self.profile)
+        self.osum = osum_prompts.load_interface() if self.profile == prompts.OSUM else None
 
     # ------------------------------------------------------------------ what a record supports
 
@@ -239,6 +270,8 @@ class SampleBuilder:
                 target = f"{transcript}{labels}" if transcript is not None else None
         elif spec.output == task_table.SPEECH:
             target = None  # speech alone (the text to speak is in the user turn)
+        elif self.osum is not None:  # a reply, as OSUM writes it (osum_prompts)
+            target = self._osum_reply(record, reply or "", rng) if spec.reasons else osum_prompts.strip_leading_tag(reply or "")
         else:  # a reply: (reasoning, then) the reply text
             target = self._think(record, rng) + (reply or "") if spec.reasons else reply
         if with_audio and target is None:
@@ -248,10 +281,16 @@ class SampleBuilder:
         if spec.instruction or rng.random() < self.chat_instruction_ratio:
             instruction = rng.choice(self.instructions[task])
         out_type = prompts.output_type(task, speech_target=bool(speech))
-        segments = prompts.prompt_segments(out_type, instruction=instruction, user_text=user_text, with_audio=with_audio, history=history)
-        if target is not None:
-            segments += prompts.target_segments(target)
-            segments.append(Segment(prompts.IM_END, train=True))
+        if self.osum is not None:
+            segments = osum_prompts.prompt_segments(out_type, instruction=instruction, user_text=user_text,
+                                                    with_audio=with_audio, interface=self.osum)
+            if target is not None:
+                segments += osum_prompts.target_segments(target, self.osum.osum_task(task), self.encoder, self.osum)
+        else:
+            segments = prompts.prompt_segments(out_type, instruction=instruction, user_text=user_text, with_audio=with_audio, history=history)
+            if target is not None:
+                segments += prompts.target_segments(target)
+                segments.append(Segment(prompts.IM_END, train=True))
         input_ids, labels = self.encoder.encode(segments)
         frames = num_frames(record.get("_num_samples", 0)) if with_audio else 0
         return Sample(
@@ -264,12 +303,31 @@ class SampleBuilder:
             speech_tokens=speech,
         )
 
-    def _think(self, record: dict[str, Any], rng: random.Random) -> str:
+    def _pick_think(self, record: dict[str, Any], rng: random.Random) -> tuple[str, bool]:
+        """(the reasoning trace this sample trains on, whether it is the tag form)."""
         tags, text = _clean(record.get("think_tags")), _clean(record.get("think_text"))
         draw = rng.random()  # drawn even when one form is missing, so the stream does not shift
         chosen = (text if draw < self.think_text_ratio else tags) if tags and text else (tags or text)
         if chosen is None:
             raise ValueError(f"record {record.get('id')!r} has no reasoning trace")
+        return chosen, chosen is tags
+
+    def _think(self, record: dict[str, Any], rng: random.Random) -> str:
+        chosen, _ = self._pick_think(record, rng)
         if not chosen.startswith(THINK_START):
             chosen = wrap_think(chosen)
         return chosen
+
+    def _osum_reply(self, record: dict[str, Any], reply: str, rng: random.Random) -> str:
+        """`<think>{trace}<think end>{reply}` as OSUM builds it: the natural form as written; the tag
+        form rebuilt as their Chinese trace, the reply opened by its reply-emotion tag."""
+        assert self.osum is not None
+        chosen, is_tags = self._pick_think(record, rng)
+        reply = osum_prompts.strip_leading_tag(reply)
+        if not is_tags:
+            return osum_prompts.natural_think(chosen) + reply
+        try:
+            trace, emotion = osum_prompts.tag_think(chosen, self.osum.tag_think, self.osum.unknown_placeholder, rng)
+        except ValueError as err:
+            raise ValueError(f"record {record.get('id')!r}: its think_tags is not a tag-form trace: {err}") from None
+        return trace + emotion + reply

@@ -16,6 +16,14 @@ tokens it lacks are added: Qwen2's embedding tables have spare rows past the tok
 (151,646 tokens in 151,936 / 152,064 rows), so adding a few tokens needs no resize;
 `load_tokenizer` checks that they fit.
 
+Prompt profiles (model/prompts.py): the list above is the `echat` profile's. Under `osum` the
+tokenizer follows OSUM-EChat's: `<think>`, `<think end>`, `<&&>` and the tag words are plain text,
+and the only token added to the LLM's own is `[PAD]`, set as the pad token as their model does
+(`add_special_tokens({'pad_token': '[PAD]'})`), plus `<|audio|>`, the placeholder the model replaces
+with speech before the LLM sees it. The bundled tiny tokenizer under `osum` is the same BPE with
+those tokens no longer added (they stay in its vocabulary, unreachable: no merge builds them). A
+tokenizer carries the name of its profile (`prompts.PROFILE_ATTRIBUTE`), which the prompt code follows.
+
 Heavy imports (tokenizers, transformers) stay inside functions: the CLI imports this module.
 """
 
@@ -25,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from echat.model.prompts import DEFAULT_PROFILE, OSUM, PROFILE_ATTRIBUTE, check_profile
 from echat.schemas.reasoning import THINK_END, THINK_START, UNKNOWN
 from echat.schemas.tasks import TAG_WORDS
 
@@ -40,6 +49,15 @@ TASK_TAG_TOKENS: tuple[str, ...] = TAG_WORDS
 SPECIAL_TOKENS: tuple[str, ...] = (
     ENDOFTEXT, IM_START, IM_END, AUDIO, THINK_START, THINK_END, UNKNOWN, *TASK_TAG_TOKENS,
 )
+
+OSUM_PAD = "[PAD]"  # the pad token OSUM-EChat adds to Qwen's tokenizer
+# The tokens each profile needs as single ids (`osum` adds [PAD] as the pad token on top).
+PROFILE_SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
+    "echat": SPECIAL_TOKENS,
+    "osum": (ENDOFTEXT, IM_START, IM_END, AUDIO),
+}
+# What OSUM's tokenizer reads as plain text: none of these may be an added token under `osum`.
+OSUM_PLAIN_TEXT: tuple[str, ...] = tuple(t for t in SPECIAL_TOKENS if t not in PROFILE_SPECIAL_TOKENS["osum"])
 
 MODEL_DIR = Path(__file__).resolve().parent
 TINY_TOKENIZER_DIR = MODEL_DIR / "tiny_tokenizer"
@@ -63,9 +81,10 @@ class SpecialTokenIds:
     im_start: int
     im_end: int
     pad: int
-    unknown: int
-    think_start: int
-    think_end: int
+    # None under the osum profile, where these are plain text of several tokens.
+    unknown: int | None
+    think_start: int | None
+    think_end: int | None
 
 
 def train_tiny_tokenizer(
@@ -119,19 +138,47 @@ def _wrap(tok: Any):
     return fast
 
 
-def tiny_tokenizer():
-    """The bundled tiny tokenizer (model/tiny_tokenizer/)."""
+def tiny_tokenizer(profile: str = DEFAULT_PROFILE):
+    """The bundled tiny tokenizer (model/tiny_tokenizer/), as the prompt profile needs it."""
     from transformers import PreTrainedTokenizerFast
 
+    profile = check_profile(profile)
     if not (TINY_TOKENIZER_DIR / "tokenizer.json").is_file():
         raise FileNotFoundError(
             f"{TINY_TOKENIZER_DIR}/tokenizer.json is missing; regenerate it with "
             "`python -c 'from echat.model.tokenizer import train_tiny_tokenizer; train_tiny_tokenizer()'`"
         )
-    tok = PreTrainedTokenizerFast.from_pretrained(str(TINY_TOKENIZER_DIR))
+    if profile == OSUM:
+        tok = _tiny_plain_text_tokenizer()
+    else:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(TINY_TOKENIZER_DIR))
     if not tok.chat_template:
         tok.chat_template = CHATML_TEMPLATE
-    return ensure_special_tokens(tok)
+    return ensure_special_tokens(tok, profile)
+
+
+def _tiny_plain_text_tokenizer():
+    """The tiny BPE with only the osum profile's tokens added: the markers and tag words it was
+    trained with as added tokens are dropped from `added_tokens`, so text spells them out in
+    ordinary pieces, as Qwen's tokenizer does."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    data = json.loads((TINY_TOKENIZER_DIR / "tokenizer.json").read_text(encoding="utf-8"))
+    keep = set(PROFILE_SPECIAL_TOKENS[OSUM])
+    data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["content"] in keep]
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        extra_special_tokens=[t for t in PROFILE_SPECIAL_TOKENS[OSUM] if t not in (IM_END, ENDOFTEXT)],
+        clean_up_tokenization_spaces=False,
+        model_max_length=32768,
+    )
+    fast.padding_side = "right"
+    return fast
 
 
 def load_tokenizer(model_config: Any = None, path: str | Path | None = None):
@@ -147,6 +194,7 @@ def load_tokenizer(model_config: Any = None, path: str | Path | None = None):
     cfg = None
     if model_config is not None:
         cfg = model_config if isinstance(model_config, ModelConfig) else load_config(model_config)
+    profile = check_profile(getattr(cfg, "prompt_profile", DEFAULT_PROFILE) if cfg is not None else DEFAULT_PROFILE)
     if path is not None:
         source: str = str(path)
     elif cfg is not None:
@@ -154,12 +202,12 @@ def load_tokenizer(model_config: Any = None, path: str | Path | None = None):
     else:
         source = "tiny"
     if source == "tiny":
-        tok = tiny_tokenizer()
+        tok = tiny_tokenizer(profile)
     else:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(source)
-        tok = ensure_special_tokens(tok)
+        tok = ensure_special_tokens(tok, profile)
     if cfg is not None:
         rows = cfg.llm_vocab_size()
         if rows is not None and len(tok) > rows:
@@ -170,27 +218,59 @@ def load_tokenizer(model_config: Any = None, path: str | Path | None = None):
     return tok
 
 
-def ensure_special_tokens(tok: Any):
-    """Add the special tokens `tok` lacks (as extra special tokens) and set pad/eos if unset."""
+def ensure_special_tokens(tok: Any, profile: str = DEFAULT_PROFILE):
+    """Add the special tokens the profile needs and `tok` lacks (as extra special tokens), set
+    pad/eos if unset, and mark `tok` with the profile's name.
+
+    Under `osum` the pad token becomes `[PAD]` (OSUM-EChat's), and a tokenizer that has any of
+    OSUM's plain-text markers as an added token (one saved by the echat profile) is an error.
+    """
+    profile = check_profile(profile)
+    needed = PROFILE_SPECIAL_TOKENS[profile]
+    if profile == OSUM:
+        added = [t for t in OSUM_PLAIN_TEXT if t in tok.get_added_vocab()]
+        if added:
+            raise ValueError(
+                f"this tokenizer has {', '.join(added)} as added tokens, but the osum prompt profile reads "
+                "them as plain text (OSUM-EChat's tokenizer does); load the LLM's own tokenizer instead"
+            )
     vocab_now = tok.get_vocab()
-    missing = [t for t in SPECIAL_TOKENS if t not in vocab_now]
+    missing = [t for t in needed if t not in vocab_now]
     if missing:
         tok.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    if profile == OSUM and tok.pad_token != OSUM_PAD:
+        tok.add_special_tokens({"pad_token": OSUM_PAD})
     if tok.pad_token is None:
         tok.pad_token = ENDOFTEXT
     if tok.eos_token is None:
         tok.eos_token = IM_END
     tok.padding_side = "right"
-    for t in SPECIAL_TOKENS:  # each must now be a single id, or prompts and splicing break
+    for t in needed:  # each must now be a single id, or prompts and splicing break
         ids = tok(t, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             raise ValueError(f"special token {t!r} does not encode to a single id in this tokenizer: {ids}")
+    setattr(tok, PROFILE_ATTRIBUTE, profile)
     return tok
 
 
+def profile_special_tokens(tok: Any) -> tuple[str, ...]:
+    """The special tokens the tokenizer's prompt profile carries as single ids (SPECIAL_TOKENS for
+    `echat`; under `osum` the ChatML markers, the pad token and <|audio|>, plus OSUM's [PAD])."""
+    from echat.model.prompts import tokenizer_profile
+
+    profile = tokenizer_profile(tok)
+    return PROFILE_SPECIAL_TOKENS[profile] + ((OSUM_PAD,) if profile == OSUM else ())
+
+
 def special_token_ids(tok: Any) -> SpecialTokenIds:
+    from echat.model.prompts import tokenizer_profile
+
     ids = tok.convert_tokens_to_ids
+    plain = tokenizer_profile(tok) == OSUM  # the markers are several ordinary tokens there
+    pad = tok.pad_token_id if plain else ids(ENDOFTEXT)  # osum: OSUM's [PAD]
     return SpecialTokenIds(
-        audio=ids(AUDIO), im_start=ids(IM_START), im_end=ids(IM_END), pad=ids(ENDOFTEXT),
-        unknown=ids(UNKNOWN), think_start=ids(THINK_START), think_end=ids(THINK_END),
+        audio=ids(AUDIO), im_start=ids(IM_START), im_end=ids(IM_END), pad=int(pad),
+        unknown=None if plain else ids(UNKNOWN),
+        think_start=None if plain else ids(THINK_START),
+        think_end=None if plain else ids(THINK_END),
     )

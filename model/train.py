@@ -5,7 +5,10 @@
     echat train --config tiny --out runs/tiny --resume                # continue from the newest checkpoint
 
 One optimiser step = `optim.grad_accum` micro-batches per rank (gradients all-reduced only on the
-last), then clipping, AdamW and the warm-up/decay schedule. bf16 autocast runs on CUDA only.
+last), then clipping, AdamW and the warm-up/decay schedule. Every target token of a step weighs the
+same, whichever micro-batch or rank it is in: the step's gradient is that of the CE summed over all
+its targets divided by their number, as for one batch holding them all (`accumulate_gradients`).
+bf16 autocast runs on CUDA only.
 Every `checkpoint.every` steps the whole training state is saved (model/checkpoint.py); a run
 resumed from step k reproduces the uninterrupted run's losses. A resumed run may set another
 run.max_steps (the schedule is rebuilt to decay over it); the optimiser and schedule settings
@@ -449,24 +452,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_after: int | None
                 log.info(f"data exhausted after step {step} (data.epochs={cfg.data.epochs})")
                 break
 
-            # Summed over micro-batches: loss, text loss, speech loss, micro-batches with text
-            # targets, with speech targets, stop request, samples, mel frames.
-            totals = torch.zeros(8, dtype=torch.float64, device=ctx.device)
-            for i, batch in enumerate(micro):
-                totals[6] += len(batch)
-                totals[7] += batch.feature_lengths.sum()
-                batch = batch.to(ctx.device, non_blocking=True)
-                # Gradients are all-reduced only in the backward of the last micro-batch.
-                with distributed.gradient_sync(wrapped, enabled=i == len(micro) - 1):
-                    with autocast():
-                        output = wrapped(batch)
-                    (output.loss / len(micro)).backward()
-                totals[0] += output.loss.detach() / len(micro)
-                for j, name in ((1, "text_loss"), (2, "speech_loss")):
-                    value = getattr(output, name, None)
-                    if value is not None:
-                        totals[j] += value.detach()
-                        totals[j + 2] += 1
+            totals, step_targets = accumulate_gradients(wrapped, micro, ctx, autocast)
             grad_norm = _clip(trainable, cfg.optim.grad_clip)
             if not math.isfinite(grad_norm):
                 raise FloatingPointError(
@@ -483,7 +469,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_after: int | None
 
             totals[5] = 1.0 if stop.requested else 0.0
             reduced = distributed.all_reduce_sum(totals, ctx)
-            loss_mean = float(reduced[0] / ctx.world_size)
+            # The step's loss: the mean CE over all its targets (micro-batches and ranks together).
+            loss_mean = float(reduced[0] / step_targets) if step_targets > 0 else 0.0
             losses.append(loss_mean)
             counters["samples_seen"] += int(reduced[6])
             counters["frames_seen"] += int(reduced[7])
@@ -611,6 +598,70 @@ class _Window:
 
     def elapsed(self) -> float:
         return max(1e-9, time.perf_counter() - self.start)
+
+
+def accumulate_gradients(wrapped, micro: list, ctx, autocast=contextlib.nullcontext):
+    """Forward and backward one optimiser step's micro-batches on this rank, leaving in `.grad`
+    the gradient of the mean CE over every target of the step, all ranks together: each target
+    token weighs the same whatever the size of its micro-batch or the rank it is on, as in one
+    batch holding them all (the reference's single mean CE over a batch, extended to accumulation
+    and data parallelism). Averaging per-micro-batch means instead would weigh a token of a
+    29-target micro-batch 12x one of a 345-target micro-batch.
+
+    Each micro-batch backwards its summed CE; after the last one (whose backward all-reduces the
+    gradients) the step's target count is summed over the ranks and the gradients are divided by it.
+
+    Returns (totals, step_targets): totals, float64 on ctx.device, summed over this rank's
+    micro-batches: [0] CE summed over all targets, [1] over text targets, [2] over speech targets,
+    [3] text targets, [4] speech targets, [5] 0 (the loop's stop flag), [6] samples, [7] mel
+    frames; step_targets: text + speech targets of the step over all ranks.
+    """
+    import torch
+
+    from . import distributed
+
+    totals = torch.zeros(8, dtype=torch.float64, device=ctx.device)
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    for i, batch in enumerate(micro):
+        totals[6] += len(batch)
+        totals[7] += batch.feature_lengths.sum()
+        batch = batch.to(ctx.device, non_blocking=True)
+        # Gradients are all-reduced only in the backward of the last micro-batch.
+        with distributed.gradient_sync(wrapped, enabled=i == len(micro) - 1):
+            with autocast():
+                output = wrapped(batch)
+            _token_weighted_backward(output)
+        n_text, n_speech = int(output.n_text_tokens or 0), int(output.n_speech_tokens or 0)
+        totals[0] += output.loss.detach().double() * (n_text + n_speech)
+        for j, name, n in ((1, "text_loss", n_text), (2, "speech_loss", n_speech)):
+            value = getattr(output, name, None)
+            if value is not None:
+                totals[j] += value.detach().double() * n
+        totals[3] += n_text
+        totals[4] += n_speech
+    step_targets = float(distributed.all_reduce_sum(totals[3] + totals[4], ctx))
+    _scale_gradients(trainable, ctx.world_size / step_targets if step_targets > 0 else 1.0)
+    return totals, step_targets
+
+
+def _token_weighted_backward(output) -> None:
+    """Backward the micro-batch's CE summed over its targets (not its mean), so that after the
+    step's micro-batches the gradients hold the sum over all the step's targets; `_scale_gradients`
+    then divides by their number. The forward's `loss` is the mean over its text and speech targets
+    (osum.OSUMOutput), so the sum is loss x count; with no target the loss is a graph-connected
+    zero and stays one, so DDP and FSDP still see every parameter take part."""
+    n_targets = int(output.n_text_tokens or 0) + int(output.n_speech_tokens or 0)
+    (output.loss * n_targets).backward()
+
+
+def _scale_gradients(params, factor: float) -> None:
+    """Multiply every gradient by `factor`: world_size / (the step's targets over all ranks). The
+    factor is world_size / N, not 1 / N, because DDP and FSDP average gradients over the ranks."""
+    if factor == 1.0:
+        return
+    for param in params:
+        if param.grad is not None:
+            param.grad.mul_(factor)
 
 
 def _clip(params, max_norm: float | None) -> float:

@@ -31,8 +31,19 @@ renames OpenAI's names to these). Their names -> ours:
                                                 rows N, N+1 -> speech_bounds.weight (speech begin/end)
     speech_head.* (OSUM-EChat), speaker_head.* (OSUM)          speech_head.*
 
+Persistent buffers: their state dict also holds the two sinusoid tables WeNet registers as buffers
+(`PositionalEncoding.pe`), besides the weights:
+
+    encoder.embed.pos_enc.pe             (1, 30000, d), Whisper's sinusoids (WhisperPositionalEncoding's
+                                         default max_len): its first rows are loaded as our position table
+    speech_transformer.embed.pos_enc.pe  (1, 5000, d), ESPnet's interleaved sinusoids (`abs_pos`): our
+                                         adapter computes the same table on the fly and holds none, so the
+                                         values are checked against it (a mismatch is an error) and not loaded
+
 Deliberately not loaded: `ln_speech.*` (built by their model, never used in its forward) and
 `llama_model.speech_token_emded/speech_head.*` (aliases their inference code attaches to the LLM).
+A LoRA model of ours that trains the special-token rows (peft's trainable tokens) starts those rows
+from the checkpoint's embedding (and head) rows, as peft starts them from the base weights.
 Every shape is checked before anything is copied; a mismatch loads nothing.
 """
 
@@ -44,6 +55,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from echat.model.adapter import sinusoidal_positions
+
+# peft's trainable-token wrapper around an embedding or head (osum._build_parts): the base weight
+# moves under `token_adapter.base_layer`, and the trainable rows are `trainable_tokens_delta.<adapter>`.
+_TOKEN_BASE = ".token_adapter.base_layer."
+_TOKEN_DELTA = re.compile(r"^(.*)\.token_adapter\.trainable_tokens_delta\.([^.]+)$")
 
 # (pattern on their key, our key template) for one-to-one renames, tried in order.
 _RENAMES: list[tuple[re.Pattern[str], str]] = [
@@ -122,8 +140,39 @@ def read_state_dict(source: str | Path | dict[str, torch.Tensor]) -> dict[str, t
 
 
 def _llm_canonical(name: str) -> str:
-    """A Qwen2 key with peft's wrapping removed: 'base_model.model.' prefix and '.base_layer'."""
-    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    """A Qwen2 key with peft's wrapping removed: 'base_model.model.' prefix, '.base_layer' (LoRA) and
+    '.token_adapter.base_layer' (trainable tokens)."""
+    return name.removeprefix("base_model.model.").replace(_TOKEN_BASE, ".").replace(".base_layer.", ".")
+
+
+def _check_adapter_positions(key: str, tensor: torch.Tensor, width: int) -> None:
+    """Their adapter's `abs_pos` table must be the sinusoids our adapter computes (it holds no table)."""
+    if tensor.dim() != 3 or tensor.shape[0] != 1 or tensor.shape[2] != width:
+        raise ValueError(f"{key}: shape {tuple(tensor.shape)}, expected (1, rows, {width}) for this model's adapter")
+    expected = sinusoidal_positions(tensor.shape[1], width, torch.device("cpu"), torch.float32)
+    # Their table was computed in float32 and may have been cast (bf16 checkpoints): allow one
+    # rounding step of the stored dtype.
+    tolerance = max(1e-5, float(torch.finfo(tensor.dtype).eps)) if tensor.is_floating_point() else 0.0
+    error = float((tensor.float() - expected).abs().max())
+    if error > tolerance:
+        raise ValueError(
+            f"{key} differs from the sinusoidal positions the adapter computes (max difference {error:.3g}): "
+            "this checkpoint's adapter is not OSUM's abs_pos adapter"
+        )
+
+
+def _fill_trainable_tokens(model: Any, ours: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+    """Start our trainable special-token rows from the checkpoint's rows of the same table."""
+    for key in ours:
+        m = _TOKEN_DELTA.match(key)
+        if m is None or key in out:
+            continue
+        wrapper, adapter = m.group(1), m.group(2)
+        base = f"{wrapper}{_TOKEN_BASE}weight"
+        if base not in out:
+            continue  # the table itself came from nowhere: reported as missing with it
+        indices = model.get_submodule(f"{wrapper}.token_adapter").token_indices[adapter]
+        out[key] = out[base][torch.as_tensor(indices, dtype=torch.long)]
 
 
 def map_wenet_state_dict(model: Any, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], WenetLoadReport]:
@@ -144,6 +193,11 @@ def map_wenet_state_dict(model: Any, state: dict[str, torch.Tensor]) -> tuple[di
         reason = next((why for pat, why in _SKIP if pat.search(key)), None)
         if reason is not None:
             report.skipped[key] = reason
+            continue
+        if key == "speech_transformer.embed.pos_enc.pe":
+            if model.adapter is not None:
+                _check_adapter_positions(key, tensor, model.adapter.input_proj.in_features)
+            report.skipped[key] = "fixed sinusoids the adapter computes itself (values checked)"
             continue
         if key == "encoder.embed.pos_enc.pe":
             table = tensor.squeeze(0)
@@ -196,6 +250,7 @@ def map_wenet_state_dict(model: Any, state: dict[str, torch.Tensor]) -> tuple[di
             continue
         put(f"adapter.blocks.{block}.self_attn.in_proj_{kind}", torch.cat([parts[p] for p in "qkv"]), names[0])
 
+    _fill_trainable_tokens(model, ours, out)
     # Tied embeddings: our lm_head and embed_tokens are one tensor; the two sources must agree.
     tied = _tied_groups(model)
     for names in tied:
