@@ -49,6 +49,7 @@ class DecodeAudio(Stage):
         "_source_duration",
         "_source_channels",
         "_source_sample_rate",
+        AUDIO_BYTES_KEY,  # dropped once decoded: the waveform replaces it
     )
 
     def __init__(

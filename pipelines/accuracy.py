@@ -92,6 +92,19 @@ class LabelAccuracyFn(beam.CombineFn):
         return out
 
 
+class LabelAccuracyAccumulator(LabelAccuracyFn):
+    """The same combine, stopped before the report: what the chunks of a build write, merged
+    and reported by `merged_report`."""
+
+    def extract_output(self, acc: dict[str, Any]) -> dict[str, Any]:
+        return acc
+
+
+def merged_report(accumulators: list[dict[str, Any]]) -> dict[str, Any]:
+    fn = LabelAccuracyFn()
+    return fn.extract_output(fn.merge_accumulators(accumulators))
+
+
 def _get(acc: dict[str, Any], field: str):
     if field not in acc:
         acc[field] = _scorer(field)

@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from typing import Any
 
@@ -57,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if summary.get("dry_run"):
         print(summary["message"])
         return 0
+    if summary.get("already_complete"):
+        print(f"{args.output} already holds a finished build of this profile and input (pass --overwrite to build it again)")
     print_report(summary, args.output)
     validated = True if args.no_validate else validate_output(args.output)
     return 0 if summary["reconciliation"]["ok"] and validated else 1
@@ -159,9 +162,13 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     from .graph import build_graph, stage_specs, write_list
     from .graph import stage_order as graph_stage_order
     from .preflight import check_runnable
+    from .parts import PARTS_DIR
     from .progress import ProgressLine
-    from .sources import SOURCE_PATH_KEY, printable_name
-    from .sources import list_sources
+    from .accuracy import merged_report
+    from .resume import InputSelection, Resume, read_resume, run_description
+    from .read_sources import ReadSources, skipped_counts
+    from .source_rows import SourceContext
+    from .sources import probe_input
     from .summary import make_summary, read_counters
 
     started = time.time()
@@ -172,56 +179,72 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     check_runnable(profile, options, input_path, out)  # a run that cannot start says so before any work
     data_dir, rejects_dir, work_dir = (FileSystems.join(out, d) for d in ("data", "rejects", "_work"))
     dry_run = bool(options.view_as(TestOptions).dry_run)  # build (and for Dataflow, validate) the job; run nothing
-    listing = list_sources(input_path, dataset_name=profile.dataset_name, license=profile.license,
-                           trust_manifest=profile.trust_manifest, language=profile.language,
-                           manifest_encoding=profile.manifest_encoding)
-    if not dry_run:
-        _prepare_output(out, [data_dir, rejects_dir, work_dir], overwrite)
-    records, source_rejects = _dedupe(listing.records)
-    source_rejects += [r.to_dict() for r in listing.rejects]
-
-    # Where each source was read from: the one place its full path is kept (shards carry it relative).
-    if not dry_run:
-        _write_text(FileSystems.join(work_dir, "sources.jsonl"), "".join(
-            json.dumps({"source_uri": r["source_uri"], "path": printable_name(r.get(SOURCE_PATH_KEY) or "")}, ensure_ascii=False) + "\n"
-            for r in records))
-    tallies_path = FileSystems.join(work_dir, "tallies.json")
-    accuracy_path = FileSystems.join(work_dir, "label_accuracy.json")
+    # Cheap and bounded: the input exists, holds audio, and a manifest decodes. The listing itself
+    # runs in the pipeline (pipelines/read_sources.py), never whole in this process.
+    probe = probe_input(input_path, manifest_encoding=profile.manifest_encoding)
+    parts_dir = FileSystems.join(work_dir, PARTS_DIR)
+    resume = Resume(parts_dir) if dry_run else _prepare_output(
+        out, [data_dir, rejects_dir, work_dir], overwrite, run_description(profile, input_path))
+    if resume == "complete":
+        logging.getLogger("echat.build").warning("%s already holds a finished build of this profile and input", out)
+        return {**_read_json(FileSystems.join(out, "summary.json")), "already_complete": True}
+    # Where each source was read from (the one place its full path is kept: shards carry it
+    # relative) is written by the pipeline, as it lists.
+    sources = ReadSources(input_path, SourceContext.from_profile(profile, probe.root), probe=probe,
+                          manifest_encoding=profile.manifest_encoding, columns=profile.columns,
+                          sources_path=FileSystems.join(work_dir, "sources.jsonl"))
     shards_path = FileSystems.join(work_dir, "shards.json")
+    shares_path = FileSystems.join(work_dir, "shares.json")
     specs = stage_specs(profile)
     local_workers = _runs_here(options)
+    chunks = 1 if dry_run else profile.output.chunks
     log_path = os.path.join(tempfile.mkdtemp(prefix="echat-build-"), "beam.log") if dry_run else _log_path(out, work_dir)
+    tallies: dict[str, Any] = {}
+    counters: Counter = Counter()
+    accuracies = []
     with tempfile.TemporaryDirectory(prefix="echat-progress-") as progress_dir, \
             console_logging(log_path, verbose=verbose) as console:
-        logging.getLogger("echat.build").info(
-            "%d audio sources, %d source rejects, %d non-audio files skipped", len(records), len(source_rejects), listing.skipped_files)
-        pipeline = beam.Pipeline(runner=_runner(options), options=options)
-        shards = build_graph(
-            pipeline, records, source_rejects, profile,
-            data_dir=data_dir, rejects_prefix=FileSystems.join(rejects_dir, "rejects"), tallies_path=tallies_path,
-            accuracy_path=accuracy_path, progress_dir=progress_dir if local_workers else None,
-        )
-        write_list(shards, shards_path, "Shards")
+        logging.getLogger("echat.build").info("input %s: %s (root %s); listed in the pipeline", input_path, probe.kind, probe.root)
         split = next((s.slot for s in specs if s.splits), None)
-        line = ProgressLine(progress_dir, total_files=len(records), first_slot=specs[0].slot, split_slot=split,
+        line = ProgressLine(progress_dir, total_files=None, first_slot=specs[0].slot, split_slot=split,
                             last_slot=specs[-1].slot, stream=console) \
             if show_progress and local_workers and not dry_run else contextlib.nullcontext()
         with line:
-            if dry_run and local_workers:  # the direct runner has no dry run of its own: the graph is built, not run
-                result = None
-            else:
+            for chunk in range(chunks):
+                final = chunk == chunks - 1
+                # each chunk sees the parts of the chunks before it: their inputs are done
+                state = resume if chunk == 0 else read_resume(parts_dir)
+                suffix = f"-{chunk:04d}" if chunks > 1 else ""
+                tallies_path = FileSystems.join(work_dir, f"tallies{suffix}.json")
+                accuracy_path = FileSystems.join(work_dir, f"label_accuracy{suffix}.pkl")
+                pipeline = beam.Pipeline(runner=_runner(options), options=options)
+                shards = build_graph(
+                    pipeline, sources, [], profile,
+                    data_dir=data_dir, rejects_prefix=FileSystems.join(rejects_dir, "rejects"), tallies_path=tallies_path,
+                    accuracy_path=accuracy_path, progress_dir=progress_dir if local_workers else None,
+                    done_inputs=InputSelection(state.done_inputs, chunk, chunks), resume=state,
+                    shares_path=shares_path, final=final,
+                )
+                if final:
+                    write_list(shards, shards_path, "Shards")
+                if dry_run and local_workers:  # the direct runner has no dry run of its own: the graph is built, not run
+                    result = None
+                    continue
                 result = pipeline.run()
                 if not local_workers:
                     _say_job(result, console)
                 result.wait_until_finish()
+                if not dry_run:
+                    tallies.update(_read_json(tallies_path))  # the source's rejects are tallied in the pipeline too
+                    counters.update(read_counters(result))
+                    accuracies.append(_read_pickle(accuracy_path))
     wall = time.time() - started
     if dry_run:
-        return _dry_run_summary(options, result, records, source_rejects, specs, out)
+        return _dry_run_summary(options, result, probe, specs, out)
 
-    tallies = _read_json(tallies_path)
-    tallies.update(source_reject_tallies(source_rejects))
+    skipped = skipped_counts(counters)
     shard_list = _read_json(shards_path)
-    label_accuracy = _read_json(accuracy_path)
+    label_accuracy = merged_report(accuracies)
     stage_order = graph_stage_order(profile)
     context = {
         "profile": profile.name,
@@ -230,18 +253,19 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
         "runner": options.view_as(StandardOptions).runner or profile.beam.runner,  # --runner may override the profile
         "beam_args": redact_flags(beam_args),
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
-        "non_audio_files_skipped": listing.skipped_files,
-        "skipped_in_input": dict(listing.skipped),
+        "non_audio_files_skipped": skipped.get("non-audio files", 0),
+        "skipped_in_input": skipped,
         "paths": {"data": data_dir, "rejects": rejects_dir, "summary": FileSystems.join(out, "summary.json"), "log": log_path},
     }
     summary, per_source = make_summary(
-        tallies=tallies, shards=shard_list, counters=read_counters(result), stage_order=stage_order,
-        wall_seconds=wall, context=context,
+        tallies=tallies, shards=shard_list, counters=dict(counters), stage_order=stage_order,
+        wall_seconds=wall, context=context, shares=_read_json(shares_path), earlier=resume.earlier(),
     )
     if label_accuracy.get("rows_with_reference"):
         summary["label_accuracy"] = label_accuracy
     _write_text(FileSystems.join(out, "summary.json"), json.dumps(summary, indent=2, ensure_ascii=False))
     _write_text(FileSystems.join(out, "reconciliation.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_source))
+    _finish_output(resume)
     return summary
 
 
@@ -260,9 +284,10 @@ def _say_job(result, console) -> None:
             print(f"echat build: submitted job {job_id()}; waiting for it to finish", file=console)
 
 
-def _dry_run_summary(options, result, records, source_rejects, specs, out: str) -> dict[str, Any]:
+def _dry_run_summary(options, result, probe, specs, out: str) -> dict[str, Any]:
     """What a dry run did: the job graph was built (and, on Dataflow, translated and its options
-    checked by Beam), and nothing ran or was written."""
+    checked by Beam), and nothing ran or was written. The sources are counted only where the
+    driver's probe counted them (a manifest's rows): a folder is listed when the job runs."""
     from apache_beam.options.pipeline_options import StandardOptions
 
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
@@ -270,10 +295,12 @@ def _dry_run_summary(options, result, records, source_rejects, specs, out: str) 
     job_name = getattr(getattr(job, "proto", None), "name", None)
     slots = [s.slot for s in specs]
     checked = f"translated for {runner} and its options checked (job {job_name})" if job_name else "built"
-    message = (f"echat build: dry run: the job graph for {len(records)} sources ({len(source_rejects)} source rejects) "
+    what = f"{probe.rows} sources ({probe.kind} rows)" if probe.rows is not None else \
+        f"the sources of {probe.input_path} ({probe.kind}, listed when the job runs)"
+    message = (f"echat build: dry run: the job graph for {what} "
                f"through {', '.join(slots)} was {checked}; nothing ran and nothing was written to {out}")
-    return {"dry_run": True, "runner": runner, "job_name": job_name, "sources": len(records),
-            "source_rejects": len(source_rejects), "stages": slots, "output": out, "message": message}
+    return {"dry_run": True, "runner": runner, "job_name": job_name, "sources": probe.rows, "input_kind": probe.kind,
+            "stages": slots, "output": out, "message": message}
 
 
 def _log_path(out: str, work_dir: str) -> str:
@@ -325,45 +352,54 @@ def console_logging(log_path: str, *, verbose: bool):
 
 
 def source_reject_tallies(source_rejects: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """One tally per input the source rejected whole, keyed apart from the file's own tally.
+    """One tally per source reject in hand, keyed apart from the file's own tally. The build
+    tallies its source's rejects in the pipeline by the same rule (read_sources.source_reject_tally)."""
+    from .read_sources import source_reject_tally
 
-    A duplicated path or a bad manifest row may name a file that another row builds: keying it
-    by its row keeps the two inputs apart, so each reconciles on its own.
-    """
-    from .graph import reject_counts
-
-    tallies = {}
-    for i, reject in enumerate(source_rejects):
-        counts = reject_counts(reject)
-        counts["file"] = 1
-        tallies[f"{reject['source_uri']} [{reject['reason']} #{i}]"] = dict(counts)
-    return tallies
+    return dict(source_reject_tally(f"#{i}", reject) for i, reject in enumerate(source_rejects))
 
 
 def _dedupe(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The same source listed twice would write the same segments twice: keep the first."""
-    from echat.schemas.stage import Reject
+    """Records in hand, each source_uri once (the first kept), and the duplicates' rejects: the rule
+    the build applies in the pipeline (read_sources.keep_first)."""
+    from .read_sources import keep_first
 
-    from .sources import SOURCE_PATH_KEY, STAGE
-
-    seen, kept, rejects = set(), [], []
-    for record in records:
-        uri = record["source_uri"]
-        if record.get(SOURCE_PATH_KEY, uri) in seen:
-            duplicate = Reject(source_uri=uri, stage=STAGE, reason="duplicate_source", detail="listed more than once; kept the first")
-            rejects.append(duplicate.to_dict())
-            continue
-        seen.add(record.get(SOURCE_PATH_KEY, uri))
-        kept.append(record)
+    groups: dict[str, list] = {}
+    for i, record in enumerate(records):
+        groups.setdefault(record["source_uri"], []).append(((i,), f"record #{i}", record))
+    kept, rejects = [], []
+    for uri, entries in groups.items():
+        first, duplicates = keep_first(uri, entries)
+        kept.append(first)
+        rejects += [reject for _, reject in duplicates]
     return kept, rejects
 
 
-def _prepare_output(out: str, dirs: list[str], overwrite: bool) -> None:
+def _prepare_output(out: str, dirs: list[str], overwrite: bool, described: dict[str, Any]):
+    """Make the output ready and say what it already holds: a fresh start, the Resume of an
+    unfinished run of this profile and input (pipelines/resume.py), or "complete" for a finished one."""
     from apache_beam.io.filesystems import FileSystems
 
+    from .parts import PARTS_DIR
+    from .resume import RUN_FILE, check_compatible, read_resume
+
+    data_dir, rejects_dir, work_dir = dirs
+    run_file = FileSystems.join(work_dir, RUN_FILE)
     existing = [d for d in dirs if _folder_exists(d)]
+    summary_file = FileSystems.join(out, "summary.json")
     if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds a build ({', '.join(existing)}); pass --overwrite to replace it")
+        if not FileSystems.exists(run_file):
+            raise FileExistsError(f"{out} already holds a build ({', '.join(existing)}); pass --overwrite to replace it")
+        check_compatible(_read_json(run_file), described, out)
+        if FileSystems.exists(summary_file):
+            return "complete"
+        # Resume: the parts stay; shards, rejects and the run's other work files are made again.
+        for path in (data_dir, rejects_dir):
+            if _folder_exists(path):
+                _delete_folder(path)
+        for d in (data_dir, rejects_dir):
+            FileSystems.mkdirs(d)
+        return read_resume(FileSystems.join(work_dir, PARTS_DIR))
     # the old summary goes too: were this run to fail, it must not stand beside the new data
     stale = [FileSystems.join(out, name) for name in ("summary.json", "reconciliation.jsonl")]
     for path in existing:
@@ -373,6 +409,15 @@ def _prepare_output(out: str, dirs: list[str], overwrite: bool) -> None:
             FileSystems.delete([path])
     for d in dirs:
         FileSystems.mkdirs(d)
+    _write_text(run_file, json.dumps(described, indent=2, ensure_ascii=False, sort_keys=True))
+    return read_resume(FileSystems.join(work_dir, PARTS_DIR))
+
+
+def _finish_output(resume) -> None:
+    """After a whole run the shards hold every row: the parts go (they would double the output)."""
+    for folder in (resume.parts_dir, resume.spill_dir):
+        if _folder_exists(folder):
+            _delete_folder(folder)
 
 
 def _folder_exists(path: str) -> bool:
@@ -408,6 +453,15 @@ def _read_json(path: str):
 
     with FileSystems.open(path) as handle:
         return json.loads(handle.read().decode("utf-8"))
+
+
+def _read_pickle(path: str):
+    import pickle
+
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path) as handle:
+        return pickle.loads(handle.read())
 
 
 def _write_text(path: str, text: str) -> None:

@@ -2,7 +2,7 @@
 
 ```
 records -> Reshuffle -> decode -> vad -> Reshuffle -> asr -> labelers... -> filter
-        -> reply -> tts -> encode -> WriteShards                          -> OUT/data/
+        -> reply -> tts -> encode -> parts -> shards                        -> OUT/data/
 every stage's rejects (and the source's) --------------------------------> OUT/rejects/
 per-source tallies (each stage's in/out/rejects, rows, seconds) ---------> OUT/_work/tallies.json
 ```
@@ -20,13 +20,17 @@ from typing import Any
 
 import apache_beam as beam
 
+from echat.schemas import shares
 from echat.schemas.stage_runner import RetryPolicy
 
-from .accuracy import LabelAccuracyFn
+from .accuracy import LabelAccuracyAccumulator
 from .dedup import AUDIO_SLOT, STEPS, TRANSCRIPT_SLOT, Dedup
 from .profile import Profile
+from .read_sources import GivenSources
+from .parts import REJECTS, ROWS, WriteParts, read_rejects, read_row_index
+from .resume import Resume
 from .rows import EncodeRow
-from .shards import WriteShards
+from .shards import ShardsFromParts
 from .stage_transform import ApplyStage, StageSpec
 
 ENCODE_SLOT = "encode"
@@ -125,9 +129,19 @@ def _write_json(obj: Any, path: str) -> str:
     return path
 
 
+def _write_pickle(obj: Any, path: str) -> str:
+    import pickle
+
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path) as handle:
+        handle.write(pickle.dumps(obj))
+    return path
+
+
 def build_graph(
     pipeline: beam.Pipeline,
-    records: list[dict[str, Any]],
+    sources,
     source_rejects: list[dict[str, Any]],
     profile: Profile,
     *,
@@ -136,17 +150,30 @@ def build_graph(
     tallies_path: str,
     accuracy_path: str | None = None,
     progress_dir: str | None = None,
+    done_inputs: frozenset[str] | None = None,
+    resume: Resume,
+    shares_path: str | None = None,
+    final: bool = True,
 ):
-    """Add the build to `pipeline`. Returns the PCollection of written-shard descriptions."""
-    current = (
-        pipeline
-        | "Sources" >> beam.Create(records, reshuffle=False)
-        | "SpreadFiles" >> beam.Reshuffle()
-    )
-    tallies = [current | "TallyFiles" >> beam.Map(_tally("file"))]
-    # Inputs rejected by the source (bad manifest rows, duplicates) are tallied by the driver,
-    # which knows each one apart even when two share a path; here they are only written out.
-    source_rejects_pcoll = pipeline | "SourceRejects" >> beam.Create(source_rejects)
+    """Add the build to `pipeline`. Returns the PCollection of written-shard descriptions.
+
+    `sources`: the `ReadSources` of `--input` (pipelines/read_sources.py: listed and read in the
+    pipeline), or a list of records already in hand (tests, small callers) whose rejects are
+    `source_rejects` (ignored with `ReadSources`, which finds its own). `done_inputs`: source_uris
+    an earlier run finished, dropped right after listing.
+
+    Rows and rejects are saved in parts as they finish (`resume.parts_dir`, pipelines/parts.py);
+    the shards and the rejects output are made from these and the parts of earlier runs, unless
+    not `final` (a chunk before the last of a build in chunks): then it returns None.
+    `accuracy_path` gets the label-accuracy accumulator (pickled), which chunks merge."""
+    if not isinstance(sources, beam.PTransform):
+        sources = GivenSources(sources, source_rejects)
+    records, source_rejects_pcoll, source_tallies = pipeline | "Sources" >> sources.configured(
+        progress_dir=progress_dir, done_inputs=done_inputs)
+    current = records | "SpreadFiles" >> beam.Reshuffle()
+    # Inputs the source rejected whole (bad manifest rows, duplicates) have a tally each, keyed by
+    # their place, which tells each apart even when two share a path.
+    tallies = [current | "TallyFiles" >> beam.Map(_tally("file")), source_tallies]
     rejects = []
 
     specs = stage_specs(profile)
@@ -156,8 +183,8 @@ def build_graph(
             current = _dedup(current, "transcripts", rejects, tallies)
         if spec.slot == ENCODE_SLOT and accuracy_path:  # labels are final here; encoding drops `_reference`
             (current
-             | "LabelAccuracy" >> beam.CombineGlobally(LabelAccuracyFn())
-             | "WriteLabelAccuracy" >> beam.Map(_write_json, accuracy_path))
+             | "LabelAccuracy" >> beam.CombineGlobally(LabelAccuracyAccumulator())
+             | "WriteLabelAccuracy" >> beam.Map(_write_pickle, accuracy_path))
         current, stage_rejects, stage_tallies = current | ApplyStage(spec, progress_dir)
         rejects.append(stage_rejects)
         tallies.append(stage_tallies)
@@ -176,20 +203,52 @@ def build_graph(
     tallies.append(stage_rejects | "TallyRejects" >> beam.Map(_reject_tally))
     all_rejects = (source_rejects_pcoll, stage_rejects) | "AllRejects" >> beam.Flatten()
     (
-        all_rejects
-        | "RejectsJson" >> beam.Map(lambda r: json.dumps(r, ensure_ascii=False, sort_keys=True))
-        # skip_if_empty: no rejects, no file (S3 cannot hold Beam's empty file, apache/beam#21369)
-        | "WriteRejects" >> beam.io.WriteToText(rejects_prefix, file_name_suffix=".jsonl", shard_name_template="-SSSSS-of-NNNNN",
-                                                skip_if_empty=True)
-    )
-    (
         tallies
         | "AllTallies" >> beam.Flatten()
         | "PerSource" >> beam.CombinePerKey(_merge_counters)
         | "TallyList" >> beam.combiners.ToList()
         | "WriteTallies" >> beam.Map(lambda items: _write_json({uri: dict(c) for uri, c in items}, tallies_path))
     )
-    return rows | "Shards" >> WriteShards(data_dir, profile.output.rows_per_shard, profile.output.max_shard_bytes)
+    part_rows = profile.output.part_rows
+    new_row_parts = rows | "SaveRows" >> beam.ParDo(WriteParts(resume.parts_dir, ROWS, part_rows))
+    new_reject_parts = all_rejects | "SaveRejects" >> beam.ParDo(WriteParts(resume.parts_dir, REJECTS, part_rows))
+    if not final:  # one chunk of several: its work is saved; the last chunk makes the output
+        return None
+    row_parts = (
+        (new_row_parts, pipeline | "EarlierRowParts" >> beam.Create(resume.row_parts))
+        | "AllRowParts" >> beam.Flatten()
+    )
+    reject_lines = (
+        (new_reject_parts, pipeline | "EarlierRejectParts" >> beam.Create(resume.reject_parts))
+        | "AllRejectParts" >> beam.Flatten()
+        | "ReadRejects" >> beam.FlatMap(read_rejects)
+        | "EachRejectOnce" >> beam.Distinct()  # an input redone after a kill rejects the same pieces again
+    )
+    # skip_if_empty: no rejects, no file (S3 cannot hold Beam's empty file, apache/beam#21369)
+    reject_lines | "WriteRejects" >> beam.io.WriteToText(rejects_prefix, file_name_suffix=".jsonl",
+                                                         shard_name_template="-SSSSS-of-NNNNN", skip_if_empty=True)
+    if shares_path:
+        _write_shares(row_parts, reject_lines, shares_path)
+    return row_parts | "Shards" >> ShardsFromParts(data_dir, resume.spill_dir, profile.output.rows_per_shard, profile.output.max_shard_bytes)
+
+
+def _write_shares(row_parts, reject_lines, path: str) -> None:
+    """source_uri -> the share of it that the final rows and rejects stand for (schemas/shares.py)."""
+    row_shares = (
+        row_parts
+        | "RowShares" >> beam.FlatMap(lambda p: [(row_id, (uri, share)) for row_id, uri, share, _ in read_row_index(p)])
+        | "EachRowOnce" >> beam.CombinePerKey(lambda copies: next(iter(copies)))  # copies of one id are alike
+        | "ShareOfRow" >> beam.Values()
+    )
+    reject_shares = reject_lines | "ShareOfReject" >> beam.Map(lambda line: (json.loads(line)["source_uri"], json.loads(line).get("share")))
+    (
+        (row_shares, reject_shares)
+        | "AllShares" >> beam.Flatten()
+        | "AsFraction" >> beam.MapTuple(lambda uri, share: (uri, shares.total([share])))
+        | "SharePerSource" >> beam.CombinePerKey(sum)
+        | "ShareList" >> beam.combiners.ToList()
+        | "WriteShares" >> beam.Map(lambda items: _write_json({uri: shares.text(t) for uri, t in items}, path))
+    )
 
 
 def write_list(pcoll, path: str, label: str):

@@ -74,8 +74,16 @@ class DedupOptions(_Strict):
 class OutputOptions(_Strict):
     rows_per_shard: int = 500
     max_shard_bytes: int = 256 * 1024 * 1024
+    # Finished rows are saved in parts of this many (OUT/_work/parts/, pipelines/parts.py): what a
+    # killed build keeps, so smaller parts lose less work and cost more files.
+    part_rows: int = 64
+    # Build in this many passes, each one pipeline over 1/chunks of the inputs (by a hash of their
+    # source_uri), the last one making the shards from every pass's parts. The local runner holds
+    # what passes between fused stages in memory, so its peak memory is that of one chunk; on
+    # Dataflow, which shuffles on disk, leave it at 1. Duplicates (dedup) are found within a chunk.
+    chunks: int = 1
 
-    @field_validator("rows_per_shard", "max_shard_bytes")
+    @field_validator("rows_per_shard", "max_shard_bytes", "part_rows", "chunks")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v <= 0:
@@ -105,6 +113,10 @@ class Profile(_Strict):
     # null leaves it to a language-ID stage, and unset languages are flagged `language_unknown`.
     language: str | None = None
     manifest_encoding: str = "utf-8"  # of a .jsonl/.csv manifest (e.g. latin-1 for an old spreadsheet's CSV)
+    # A Hugging Face dataset's columns (pipelines/source_hf.py), as {our name: the dataset's name}, e.g.
+    # {text: sentence, gender: sex, speaker: client_id}; a name left out is read under our own name
+    # when the dataset has it, one mapped to null is never read. `--set columns.text=sentence`.
+    columns: dict[str, str | None] = Field(default_factory=dict)
     # Which source wins a field that several could fill, best first (schemas/stage_runner.py): a
     # stage writes a label group only when it is empty or held by a source ranked below its own.
     precedence: list[str] = Field(default_factory=lambda: list(DEFAULT_PRECEDENCE))
@@ -135,6 +147,13 @@ class Profile(_Strict):
         except LookupError:
             raise ValueError(f"unknown encoding {value!r}") from None
         return value
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value: dict[str, str | None]) -> dict[str, str | None]:
+        from .source_hf import check_column_mapping
+
+        return check_column_mapping(value)
 
     @field_validator("language")
     @classmethod

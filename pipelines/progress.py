@@ -3,7 +3,9 @@
 Workers (threads or processes on this machine) add their counts to a per-process table and write
 it, at most every `FLUSH_EVERY_S`, to `<progress_dir>/<pid>.json`. The driver's `ProgressLine`
 thread sums those files every second and prints files done, segments, rows, audio hours, x real
-time and an ETA from the file rate. On a remote runner (Dataflow) there is no shared folder and no
+time and an ETA from the file rate. The sources are listed in the pipeline, so the number of files
+is not known when the run starts: the listing reports what it has found so far (`LISTING_SLOT`'s
+"in") and, once complete, the total (its "out"); until then the line shows no ETA. On a remote runner (Dataflow) there is no shared folder and no
 line: its own console shows progress.
 """
 
@@ -17,6 +19,7 @@ import time
 from collections import defaultdict
 
 FLUSH_EVERY_S = 0.5
+LISTING_SLOT = "_listing"  # pipelines/read_sources.py: records found ("in"), the total once listed ("out")
 _table: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 _guard = threading.Lock()
 _last_flush = 0.0
@@ -63,13 +66,14 @@ def read_totals(progress_dir: str) -> dict[str, dict[str, float]]:
 
 
 class ProgressLine:
-    """Prints `files 120/240 | segments 118 | rows 100 | 0.21 h audio | 95x real time | ETA 12 s`.
+    """Prints `files 120/240 | segments 118 | rows 100 | 0.21 h audio | 95x real time | ETA 12 s`,
+    or `files 120 (240 listed so far) | ...` while the listing is still going (`total_files` None).
 
     On a terminal the line is rewritten in place every second; otherwise a line is printed every
     `plain_every_s`. Either way the final state is printed when the run ends.
     """
 
-    def __init__(self, progress_dir: str, *, total_files: int, first_slot: str, split_slot: str | None,
+    def __init__(self, progress_dir: str, *, total_files: int | None, first_slot: str, split_slot: str | None,
                  last_slot: str, stream=None, plain_every_s: float = 10.0):
         self.dir, self.total = progress_dir, total_files
         self.first, self.split, self.last = first_slot, split_slot, last_slot
@@ -98,10 +102,16 @@ class ProgressLine:
         audio_s = totals.get(self.first, {}).get("audio_s", 0.0)
         segments = int(totals.get(self.split, {}).get("out", 0)) if self.split else 0
         rows = int(totals.get(self.last, {}).get("out", 0))
+        listing = totals.get(LISTING_SLOT, {})
+        total = self.total if self.total is not None else (int(listing["out"]) if listing.get("out") else None)
         eta = ""
-        if 0 < files < self.total:
-            eta = f" | ETA {(self.total - files) * elapsed / files:.0f} s"
-        return (f"files {files}/{self.total} | segments {segments} | rows {rows} | "
+        if total is None:
+            done = f"{files} ({int(listing.get('in', 0))} listed so far)"
+        else:
+            done = f"{files}/{total}"
+            if 0 < files < total:
+                eta = f" | ETA {(total - files) * elapsed / files:.0f} s"
+        return (f"files {done} | segments {segments} | rows {rows} | "
                 f"{audio_s / 3600:.3f} h audio | {audio_s / elapsed:.0f}x real time{eta}")
 
     def _loop(self) -> None:

@@ -1,7 +1,8 @@
 """The last stage before the sink: a working record becomes a row of the record schema.
 
 Encodes the user's and the reply's waveforms as FLAC inside the Hugging Face audio struct, stamps
-the schema and pipeline versions, and drops working keys. A record that does not fit the schema
+the schema and pipeline versions, and drops working keys (all but the row's share of its input,
+schemas/shares.py, which the shard writer drops). A record that does not fit the schema
 (a required field missing) is rejected here with the field named.
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from echat import __version__
 from echat.schemas import record as rec
+from echat.schemas.shares import SHARE_KEY
 from echat.schemas.stage import Reject, Stage
 from echat.schemas.tasks import record_task  # the task tag a row serves, from what it holds
 
@@ -42,9 +44,13 @@ class EncodeRow(Stage):
         row["schema_version"] = rec.SCHEMA_VERSION
         row["pipeline_version"] = __version__
         try:
-            yield rec.to_row(row)
+            encoded = rec.to_row(row)
         except ValueError as exc:
             yield self.reject(record, "schema_error", str(exc))
+            return
+        if record.get(SHARE_KEY):  # kept until the shards: a resumed build tells finished inputs by it
+            encoded[SHARE_KEY] = record[SHARE_KEY]
+        yield encoded
 
 
 def row_bytes(row: dict[str, Any]) -> int:

@@ -1,4 +1,5 @@
-"""Parquet shards of a bounded size: `OUT/data/train-NNNNN-of-MMMMM.parquet`.
+"""Parquet shards of a bounded size: `OUT/data/train-NNNNN-of-MMMMM.parquet`, made from the saved
+row parts of every run of the build (pipelines/parts.py).
 
 Rows are assigned to shards by a plan made from every row's id and size: ids in sorted order are
 cut into consecutive shards whenever the next row would pass `rows_per_shard` or
@@ -77,25 +78,76 @@ def _write_shard(item: tuple[int, list[dict[str, Any]]], data_dir: str, num_shar
     return {"path": final, "rows": len(rows), "bytes": sum(row_bytes(r) for r in rows)}
 
 
-class WriteShards(beam.PTransform):
-    """rows -> one dict per written shard (path, rows, bytes)."""
+def plan_from_index(index: list[tuple[str, str, int]], rows_per_shard: int, max_shard_bytes: int) -> dict[str, Any]:
+    """The shard plan over the rows of all parts, given as (id, part path, bytes). A row id found in
+    several parts (an input redone after a kill) is planned once, read from the first such part."""
+    chosen: dict[str, tuple[str, int]] = {}
+    for row_id, part, nbytes in index:
+        if row_id not in chosen or part < chosen[row_id][0]:
+            chosen[row_id] = (part, nbytes)
+    plan = plan_shards([(row_id, nbytes) for row_id, (_, nbytes) in chosen.items()], rows_per_shard, max_shard_bytes)
+    plan["part"] = {row_id: part for row_id, (part, _) in chosen.items()}
+    return plan
 
-    def __init__(self, data_dir: str, rows_per_shard: int, max_shard_bytes: int):
+
+def spill_part(path: str, plan: dict[str, Any], spill_dir: str):
+    """Sort the rows of one part by the shard they go to, into one spill file per shard on disk;
+    yields (shard index, spill path). Only the small paths are then grouped, never rows, so no
+    runner holds the corpus in memory (the local runner keeps what it groups in memory)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from .parts import read_rows, write_rows
+
+    by_shard: dict[int, list[dict[str, Any]]] = {}
+    for row in read_rows(path):
+        if plan["part"].get(row["id"]) == path:  # a row kept once, whatever parts hold copies
+            by_shard.setdefault(plan["assignment"][row["id"]], []).append(row)
+    name = path.rsplit("/", 1)[-1]
+    for index, rows in sorted(by_shard.items()):
+        spill = FileSystems.join(spill_dir, f"{index:05d}-{name}")
+        write_rows(spill, rows)
+        yield index, spill
+
+
+def write_shard_from_spills(item: tuple[int, list[str]], data_dir: str, num_shards: int) -> dict[str, Any]:
+    from apache_beam.io.filesystems import FileSystems
+
+    from .parts import read_rows
+
+    index, spills = item
+    rows = [row for spill in sorted(spills) for row in read_rows(spill)]
+    written = write_shard((index, rows), data_dir, num_shards)
+    FileSystems.delete(sorted(spills))
+    return written
+
+
+class ShardsFromParts(beam.PTransform):
+    """paths of row parts (pipelines/parts.py) -> one dict per written shard (path, rows, bytes).
+
+    A shard holds consecutive ids, and the rows of one shard are spread over many parts: each part
+    is cut into per-shard spill files in `spill_dir`, and each shard is written from its spills."""
+
+    def __init__(self, data_dir: str, spill_dir: str, rows_per_shard: int, max_shard_bytes: int):
         super().__init__()
-        self.data_dir, self.rows_per_shard, self.max_shard_bytes = data_dir, rows_per_shard, max_shard_bytes
+        self.data_dir, self.spill_dir = data_dir, spill_dir
+        self.rows_per_shard, self.max_shard_bytes = rows_per_shard, max_shard_bytes
 
-    def expand(self, rows):
+    def expand(self, part_paths):
+        from .parts import read_row_index
+
         plan = (
-            rows
-            | "Sizes" >> beam.Map(lambda r: (r["id"], row_bytes(r)))
-            | "AllSizes" >> beam.combiners.ToList()
-            | "Plan" >> beam.Map(plan_shards, self.rows_per_shard, self.max_shard_bytes)
+            part_paths
+            | "Index" >> beam.FlatMap(lambda p: [(row_id, p, nbytes) for row_id, _, _, nbytes in read_row_index(p)])
+            | "WholeIndex" >> beam.combiners.ToList()
+            | "Plan" >> beam.Map(plan_from_index, self.rows_per_shard, self.max_shard_bytes)
         )
         plan_view = beam.pvalue.AsSingleton(plan)
-        data_dir = self.data_dir
+        data_dir, spill_dir = self.data_dir, self.spill_dir
         return (
-            rows
-            | "Assign" >> beam.Map(lambda r, p: (p["assignment"][r["id"]], r), plan_view)
+            part_paths
+            | "SpreadParts" >> beam.Reshuffle()
+            | "Spill" >> beam.FlatMap(spill_part, plan_view, spill_dir)
             | "GroupShards" >> beam.GroupByKey()
-            | "Write" >> beam.Map(lambda kv, p: write_shard((kv[0], list(kv[1])), data_dir, p["num_shards"]), plan_view)
+            | "Write" >> beam.Map(lambda kv, p: write_shard_from_spills((kv[0], list(kv[1])), data_dir, p["num_shards"]),
+                                  plan_view)
         )

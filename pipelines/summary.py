@@ -9,6 +9,9 @@ the outputs, and the rejects (of inputs, and of pieces it cut off). Lineage then
     last stage put out;
   - every reject a stage counted reached the rejects output.
 A source rejected by the source reader itself has no stage counts and one file-level reject.
+Then, whatever the run: the final rows and rejects of each source must stand for all of it (their
+shares, schemas/shares.py, add up to at least 1); a resumed build checks the sources that earlier
+runs finished this way alone.
 `reconciliation.ok` is false, and the mismatching sources are listed with the broken rule, when
 any of that does not hold.
 """
@@ -16,6 +19,7 @@ any of that does not hold.
 from __future__ import annotations
 
 from collections import Counter
+from fractions import Fraction
 from typing import Any
 
 from .shards import WRITE_SLOT
@@ -55,13 +59,35 @@ def lineage_problem(t: Counter, stage_order: list[str]) -> str | None:
     return None
 
 
-def reconcile(tallies: dict[str, dict[str, float]], stage_order: list[str]) -> list[dict[str, Any]]:
-    """One row per source with its counts and whether its lineage holds (`lineage_problem`)."""
+def share_problem(share: str | None) -> str | None:
+    """Whether the final rows and rejects of a source stand for all of it (schemas/shares.py)."""
+    if share is None:
+        return "no row or reject of it reached the output"
+    if Fraction(share) < 1:
+        return f"its rows and rejects stand for only {share} of it"
+    return None
+
+
+def reconcile(tallies: dict[str, dict[str, float]], stage_order: list[str],
+              shares: dict[str, str] | None = None, earlier: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per source with its counts and whether its lineage holds (`lineage_problem`) and,
+    given the final `shares`, whether its rows and rejects stand for all of it. `earlier`: the
+    sources finished by the runs a resumed build continues, checked by their shares alone."""
     rows = []
+    for uri, done in sorted((earlier or {}).items()):
+        problem = share_problem((shares or {}).get(uri, done["share"]))
+        row = {"source_uri": uri, "status": "written" if done["rows"] else "rejected", "earlier_run": True,
+               "segments": done["rows"] + done["rejects"], "written": done["rows"], "ok": problem is None}
+        if problem:
+            row["problem"] = problem
+        rows.append(row)
     for uri in sorted(tallies):
         t = Counter(tallies[uri])
         written, segment_rejects, file_rejects = int(t["written"]), int(t["rejected_segment"]), int(t["rejected_file"])
         problem = lineage_problem(t, stage_order)
+        # A source reject's tally is keyed apart from its uri and reached no stage: lineage checked it whole.
+        if problem is None and shares is not None and any(t[f"in:{slot}"] for slot in stage_order):
+            problem = share_problem(shares.get(uri))
         if written:
             status = "written"
         elif file_rejects and not segment_rejects:
@@ -129,11 +155,18 @@ def make_summary(
     stage_order: list[str],
     wall_seconds: float,
     context: dict[str, Any],
+    shares: dict[str, str] | None = None,
+    earlier: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    per_source = reconcile(tallies, stage_order)
+    """`earlier`: for a resumed build, the sources finished before (pipelines/resume.py); the
+    stage counts and speed are this run's, the rows, rejects and reconciliation the whole output's."""
+    earlier = earlier or {}
+    per_source = reconcile(tallies, stage_order, shares, earlier)
     totals = Counter()
     for t in tallies.values():
         totals.update(t)
+    earlier_rows = sum(d["rows"] for d in earlier.values())
+    earlier_rejects = sum(d["rejects"] for d in earlier.values())
     by_reason = {k.split(":", 1)[1]: int(v) for k, v in sorted(totals.items()) if k.startswith("reason:")}
     audio_in = float(totals["decoded_seconds"])
     mismatches = [row for row in per_source if not row["ok"]]
@@ -142,14 +175,14 @@ def make_summary(
         "wall_seconds": round(wall_seconds, 2),
         "inputs": {"sources": int(totals["file"]), "decoded": int(totals["decoded"]), "audio_hours": round(audio_in / 3600, 4)},
         "outputs": {
-            "rows": int(totals["written"]),
+            "rows": int(totals["written"]) + earlier_rows,
             "shards": len(shards),
             "shard_files": sorted(s["path"] for s in shards),
             "audio_hours": round(float(totals["written_seconds"]) / 3600, 4),
             "reply_audio_hours": round(float(totals["reply_seconds"]) / 3600, 4),
         },
         "rejects": {
-            "total": int(totals["rejected_file"] + totals["rejected_segment"]),
+            "total": int(totals["rejected_file"] + totals["rejected_segment"]) + earlier_rejects,
             "files": int(totals["rejected_file"]),
             "segments": int(totals["rejected_segment"]),
             "by_stage_reason": by_reason,
@@ -165,6 +198,9 @@ def make_summary(
             "mismatches": mismatches[:100],
         },
     }
+    if earlier:
+        summary["resumed"] = {"sources_finished_before": len(earlier), "rows_from_before": earlier_rows,
+                              "rejects_from_before": earlier_rejects}
     if len(per_source) <= PER_SOURCE_LIMIT:
         summary["per_source"] = per_source
     return summary, per_source

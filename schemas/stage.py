@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Union
 
+from echat.schemas.shares import SHARE_KEY
+
 # Origins of a field's value, as the profile's precedence names them.
 MANIFEST, MODEL, HEURISTIC = "manifest", "model", "heuristic"
 ORIGINS = (MANIFEST, MODEL, HEURISTIC)
@@ -48,6 +50,7 @@ class Reject:
     segment_start: float | None = None
     segment_end: float | None = None
     id: str | None = None
+    share: str | None = None  # the part of its input it stands for (schemas/shares.py); None: all of it
 
     @classmethod
     def of(cls, record: dict[str, Any], stage: str, reason: str, detail: str) -> "Reject":
@@ -59,6 +62,7 @@ class Reject:
             segment_start=record.get("segment_start"),
             segment_end=record.get("segment_end"),
             id=record.get("id"),
+            share=record.get(SHARE_KEY),
         )
 
     def to_dict(self) -> dict[str, Any]:

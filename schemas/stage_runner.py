@@ -25,9 +25,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from . import shares
 from .record import FIELDS_BY_NAME, LABEL_GROUPS, PROVENANCE, STRINGS
 from .stage import MANIFEST, ORIGINS, Reject, Result, Stage, TransientError
 
@@ -222,7 +223,7 @@ class StageRunner:
             if label_problem:
                 return self.stage.reject(record, "invalid_label", label_problem)
             finished.append(out)
-        return finished
+        return _shared_out(record, finished)
 
     def _declared(self, key: str) -> bool:
         return key in self._allowed or (self._any_working_key and key.startswith("_"))
@@ -277,6 +278,14 @@ class StageRunner:
         if origins or ORIGINS_KEY in out:
             out[ORIGINS_KEY] = origins
         return out
+
+
+def _shared_out(record: dict[str, Any], outputs: list[dict[str, Any] | Reject]) -> list[dict[str, Any] | Reject]:
+    """Give each of several outputs its equal part of the input's share (schemas/shares.py)."""
+    if len(outputs) < 2:
+        return outputs
+    piece = shares.split(shares.share_of(record), len(outputs))
+    return [replace(out, share=piece) if isinstance(out, Reject) else {**out, shares.SHARE_KEY: piece} for out in outputs]
 
 
 def _same(a: Any, b: Any) -> bool:

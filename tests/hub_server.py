@@ -5,6 +5,12 @@ It speaks what the real `huggingface_hub` client calls to create a dataset repo 
 POST /api/datasets/ORG/NAME/preupload/REV (every file answered `uploadMode: regular`, so contents
 travel base64 in the commit and no Xet or LFS storage is involved), POST .../commit/REV (NDJSON), and
 GET .../tree/REV for listing what a repo holds (`--dry-run`). Files are kept in memory.
+
+It also speaks the read side that huggingface_hub's `HfFileSystem` (`hf://datasets/ORG/NAME`) uses:
+GET /api/datasets/ORG/NAME/revision/REV (does the repo exist), GET .../tree/REV/PATH (the listing,
+with folder entries and a 404 EntryNotFound for a path that holds nothing, as the Hub answers),
+POST .../paths-info/REV, and GET or HEAD /datasets/ORG/NAME/resolve/REV/PATH with `Range` requests
+answered 206. `add_dataset` fills a repo without an upload.
 """
 
 from __future__ import annotations
@@ -15,11 +21,39 @@ import json
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 
 def blob_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def tree_entries(files: dict[str, bytes], prefix: str, recursive: bool) -> list[dict]:
+    """The Hub's tree listing of `prefix`: its files and folders (all below it when `recursive`)."""
+    entries, folders = [], set()
+    for p, data in sorted(files.items()):
+        if prefix and not p.startswith(prefix + "/"):
+            continue
+        rest = p[len(prefix) + 1:] if prefix else p
+        parts = rest.split("/")
+        for depth in range(1, len(parts) if recursive else min(len(parts), 2)):
+            folders.add("/".join(([prefix] if prefix else []) + parts[:depth]))
+        if not recursive and len(parts) > 1:
+            continue
+        entries.append({"type": "file", "path": p, "size": len(data), "oid": blob_oid(data)})
+    entries += [{"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()} for f in sorted(folders)]
+    return entries
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, end exclusive) of a `Range: bytes=a-b` header (`a-` and `-n` too); None without one."""
+    m = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
+    if not m:
+        return None
+    first, last = m.group(1), m.group(2)
+    if not first:  # the last n bytes
+        return max(0, size - int(last)), size
+    return int(first), min(size, int(last) + 1) if last else size
 
 
 class HubStandIn:
@@ -39,6 +73,12 @@ class HubStandIn:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+    def add_dataset(self, repo: str, files: dict[str, bytes], private: bool = False) -> None:
+        """Make (or extend) dataset repo `repo` ("ORG/NAME") holding `files` (path in repo -> bytes)."""
+        entry = self.repos.setdefault(repo, {"private": private, "files": {}, "type": "dataset"})
+        entry["files"].update(files)
+
 
     def _handler(self):
         hub = self
@@ -63,6 +103,38 @@ class HubStandIn:
             def _not_found(self):
                 self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
 
+            def _resolve(self, repo: str, path: str, head: bool):
+                """A file's bytes, or the `Range` of them asked for (206), as the Hub's resolve URL serves them."""
+                if repo not in hub.repos:
+                    return self._not_found()
+                data = hub.repos[repo]["files"].get(path)
+                if data is None:
+                    return self._send(404, {"error": f"{path} not found"}, {"X-Error-Code": "EntryNotFound"})
+                span = byte_range(self.headers.get("Range"), len(data))
+                start, end = span or (0, len(data))
+                if span and start >= len(data):
+                    return self._send(416, {"error": "range not satisfiable"}, {"Content-Range": f"bytes */{len(data)}"})
+                part = data[start:end]
+                self.send_response(206 if span else 200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(part)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("ETag", f'"{blob_oid(data)}"')
+                self.send_header("X-Repo-Commit", "0" * 40)
+                if span:
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+                self.end_headers()
+                if not head:
+                    self.wfile.write(part)
+
+            def do_HEAD(self):
+                parsed = urlparse(self.path)
+                hub.requests.append(("HEAD", parsed.path))
+                m = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", parsed.path)
+                if m:
+                    return self._resolve(m.group(1), unquote(m.group(3)), head=True)
+                return self._send(404, {"error": f"unknown endpoint {parsed.path}"})
+
             def do_POST(self):
                 path = urlparse(self.path).path
                 hub.requests.append(("POST", path))
@@ -76,6 +148,20 @@ class HubStandIn:
                 if path == "/api/validate-yaml":
                     hub.validated_yaml.append(json.loads(body).get("content", ""))
                     return self._send(200, {"errors": [], "warnings": []})
+                m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/paths-info/([^/]+)", path)
+                if m:  # what HfFileSystem.info asks when its listing cache cannot answer
+                    if m.group(1) not in hub.repos:
+                        return self._not_found()
+                    files = hub.repos[m.group(1)]["files"]
+                    asked = parse_qs(body.decode()).get("paths", [])
+                    answer = []
+                    for p in asked:
+                        p = p.strip("/")
+                        if p in files:
+                            answer.append({"type": "file", "path": p, "size": len(files[p]), "oid": blob_oid(files[p])})
+                        elif any(f.startswith(p + "/") for f in files):
+                            answer.append({"type": "directory", "path": p, "oid": hashlib.sha1(p.encode()).hexdigest()})
+                    return self._send(200, answer)
                 m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/(preupload|commit)/(.+)", path)
                 if not m:
                     return self._send(404, {"error": f"unknown endpoint {path}"})
@@ -118,17 +204,15 @@ class HubStandIn:
                     repo = m.group(1)
                     if repo not in hub.repos:
                         return self._not_found()
-                    prefix = (m.group(3) or "").strip("/")
+                    prefix = unquote(m.group(3) or "").strip("/")  # the client sends the path %-encoded
                     recursive = parse_qs(parsed.query).get("recursive", ["false"])[0].lower() == "true"
-                    entries = []
-                    for p, data in sorted(hub.repos[repo]["files"].items()):
-                        if prefix and not p.startswith(prefix + "/"):
-                            continue
-                        rest = p[len(prefix) + 1:] if prefix else p
-                        if not recursive and "/" in rest:
-                            continue
-                        entries.append({"type": "file", "path": p, "size": len(data), "oid": blob_oid(data)})
+                    entries = tree_entries(hub.repos[repo]["files"], prefix, recursive)
+                    if prefix and not entries:
+                        return self._send(404, {"error": f"{prefix} does not exist"}, {"X-Error-Code": "EntryNotFound"})
                     return self._send(200, entries)
+                m = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", parsed.path)
+                if m:
+                    return self._resolve(m.group(1), unquote(m.group(3)), head=False)
                 m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(?:/revision/.+)?", parsed.path)
                 if m:
                     repo = m.group(1)

@@ -41,12 +41,14 @@ def _graph(profile, args: list[str]):
 
     from echat.pipelines.build import _runner, pipeline_options
     from echat.pipelines.graph import build_graph, stage_specs, write_list
+    from echat.pipelines.resume import Resume
 
     options = pipeline_options(profile, args, verbose=False)
     pipeline = beam.Pipeline(runner=_runner(options), options=options)
     out = "gs://dummy-bucket/out"
     shards = build_graph(pipeline, RECORDS, [], profile, data_dir=f"{out}/data", rejects_prefix=f"{out}/rejects/rejects",
-                         tallies_path=f"{out}/_work/tallies.json", accuracy_path=f"{out}/_work/label_accuracy.json")
+                         tallies_path=f"{out}/_work/tallies.json", accuracy_path=f"{out}/_work/label_accuracy.json",
+                         resume=Resume(f"{out}/_work/parts"), shares_path=f"{out}/_work/shares.json")
     write_list(shards, f"{out}/_work/shards.json", "Shards")
     return pipeline, options, stage_specs(profile)
 

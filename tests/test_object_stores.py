@@ -129,15 +129,16 @@ def test_shards_read_back_through_fsspec(bucket_builds, scheme, tmp_path):
 
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
 def test_bucket_output_is_refused_then_replaced_whole(stores, bucket_builds, scheme, local_profile):
-    """A bucket has no folders: an earlier build is still found (and refused without --overwrite),
-    and --overwrite removes every object under the old folders, not only same-named ones."""
+    """A bucket has no folders: an earlier build is still found (a finished one of the same profile
+    is left as it is, one of unknown make refused without --overwrite), and --overwrite removes
+    every object under the old folders, not only same-named ones."""
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from echat.pipelines.build import _prepare_output, build
 
-    with pytest.raises(FileExistsError, match="already holds a build"):
-        build(local_profile(), f"{scheme}://{CORPUS}/in/manifest.jsonl", f"{scheme}://{OUT}/build", beam_args=stores[scheme])
+    again = build(local_profile(), f"{scheme}://{CORPUS}/in/manifest.jsonl", f"{scheme}://{OUT}/build", beam_args=stores[scheme])
+    assert again["already_complete"]
 
     fs = _fs(scheme)
     base = f"{OUT}/replace"
@@ -145,11 +146,11 @@ def test_bucket_output_is_refused_then_replaced_whole(stores, bucket_builds, sch
         fs.pipe(f"{base}/{name}", b"old")
     dirs = [f"{scheme}://{base}/{d}" for d in ("data", "rejects", "_work")]
     FileSystems.set_options(PipelineOptions(stores[scheme]))
-    with pytest.raises(FileExistsError):
-        _prepare_output(f"{scheme}://{base}", dirs, overwrite=False)
-    _prepare_output(f"{scheme}://{base}", dirs, overwrite=True)
+    with pytest.raises(FileExistsError, match="already holds a build"):
+        _prepare_output(f"{scheme}://{base}", dirs, overwrite=False, described={})
+    _prepare_output(f"{scheme}://{base}", dirs, overwrite=True, described={})
     fs.invalidate_cache()
-    assert [p.split(f"{base}/", 1)[1] for p in fs.find(base)] == ["keep.txt"]
+    assert [p.split(f"{base}/", 1)[1] for p in fs.find(base)] == ["_work/run.json", "keep.txt"]
 
 
 @pytest.mark.parametrize("scheme", ["s3", "gs"])

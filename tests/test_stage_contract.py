@@ -243,11 +243,12 @@ def test_a_stage_with_resource_hints_runs_after_a_reshuffle_and_segments_fan_out
     """The graph Dataflow would get: the GPU-style stage is not fusable with decode, and the
     segments a splitting stage makes are spread over workers."""
     from echat.pipelines.graph import build_graph
+    from echat.pipelines.resume import Resume
 
     profile = local_profile("tts.resources={min_ram: 2GB, accelerator: 'type:nvidia-l4;count:1;install-nvidia-driver'}")
     pipeline = beam.Pipeline()
     build_graph(pipeline, [{"source_uri": "a.wav"}], [], profile, data_dir=str(tmp_path / "d"),
-                rejects_prefix=str(tmp_path / "r"), tallies_path=str(tmp_path / "t.json"))
+                rejects_prefix=str(tmp_path / "r"), tallies_path=str(tmp_path / "t.json"), resume=Resume(str(tmp_path / "p")))
     proto = pipeline.to_runner_api()
     names = {t.unique_name: t for t in proto.components.transforms.values()}
     assert "Stage[tts]/Unfuse" in names and "SpreadAfter[vad]" in names
