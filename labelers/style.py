@@ -44,9 +44,9 @@ from typing import Any, ClassVar
 
 from echat.schemas.stage import HEURISTIC, MODEL, Reject, Stage, TransientError
 from echat.schemas.vocab import STYLES
-from echat.synth.llm_reply import (
-    TRANSIENT_STATUS, AnswerError, CircuitBreaker, OpenAIReply, _error_code, _error_text, openai_client,
-    parse_json_object, retry_after, safe_url,
+from echat.endpoints import (
+    TRANSIENT_STATUS, AnswerError, CircuitBreaker, client_redact, error_code, error_text, openai_client, parse_json_object,
+    retry_after, safe_url,
 )
 
 from .flags import add_flag
@@ -392,11 +392,11 @@ class OpenAIStyle(Stage):
             except openai.APIStatusError as exc:
                 status = exc.status_code
                 if status in TRANSIENT_STATUS or status >= 500:
-                    if status == 429 and _error_code(exc) == "insufficient_quota":
+                    if status == 429 and error_code(exc) == "insufficient_quota":
                         self._breaker.success()
                         raise AnswerError("llm_quota", "HTTP 429 insufficient_quota: the account has no credit left") from None
                     self._transient()
-                    raise TransientError(f"HTTP {status}: {self._redact(_error_text(exc))}",
+                    raise TransientError(f"HTTP {status}: {self._redact(error_text(exc))}",
                                          retry_after=retry_after(exc.response)) from None
                 self._breaker.success()
                 if status == 400 and mode != "none" and re.search(r"response_format|json_schema|json_object|structured", str(exc), re.I):
@@ -408,7 +408,7 @@ class OpenAIStyle(Stage):
                     continue
                 if status in (401, 403):
                     raise AnswerError("llm_auth_error", f"HTTP {status}: the endpoint refused the credentials (${self.api_key_env})") from None
-                raise AnswerError("llm_request_error", f"HTTP {status}: {self._redact(_error_text(exc))}") from None
+                raise AnswerError("llm_request_error", f"HTTP {status}: {self._redact(error_text(exc))}") from None
             except openai.APITimeoutError:
                 self._transient()
                 raise TransientError(f"no answer within {self.timeout_s:g} s") from None
@@ -426,4 +426,4 @@ class OpenAIStyle(Stage):
         self._breaker.failure()
 
     def _redact(self, text: str) -> str:
-        return OpenAIReply._redact(self, text)  # the reply stage's redaction (it reads only self._client)
+        return client_redact(self._client, text)

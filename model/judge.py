@@ -481,7 +481,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         judge.teardown()
 
-    from echat.synth.llm_reply import safe_url
+    from echat.endpoints import safe_url
 
     report = {
         "predictions": str(args.predictions), "shards": str(args.shards),

@@ -152,7 +152,7 @@ def load_judge_prompt(path: str | Path | None = None) -> JudgePrompt:
 
 def validate_verdict(data: Any, prompt: JudgePrompt) -> dict[str, dict[str, Any]]:
     """{dimension: {score, reason}} from the judge's JSON; AnswerError when it is not usable."""
-    from echat.synth.llm_reply import AnswerError
+    from echat.endpoints import AnswerError
 
     if not isinstance(data, dict):
         raise AnswerError("llm_malformed", "the answer is not a JSON object")
@@ -249,13 +249,13 @@ class LLMJudge(Stage):
         self._gate = None
 
     def __repr__(self) -> str:
-        from echat.synth.llm_reply import safe_url
+        from echat.endpoints import safe_url
 
         return f"{type(self).__name__}(model={self.model!r}, base_url={safe_url(self.base_url)!r}, api_key_env={self.api_key_env!r})"
 
     def setup(self) -> None:
         from echat.synth.cache import ContentCache
-        from echat.synth.llm_reply import CircuitBreaker, KeyedGate, openai_client
+        from echat.endpoints import CircuitBreaker, KeyedGate, openai_client
 
         if self._client is not None:  # set up already (the command checks the key before the labeler runs)
             return
@@ -316,7 +316,7 @@ class LLMJudge(Stage):
                          sampling=self.sampling(), structured_output=self.structured_output)
 
     def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
-        from echat.synth.llm_reply import AnswerError
+        from echat.endpoints import AnswerError
 
         if self._client is None:
             with self._lock:
@@ -345,7 +345,7 @@ class LLMJudge(Stage):
         yield {**record, "judge_scores": verdict, "judge_model": self.describe(), "judge_prompt_version": self.prompt.version}
 
     def _cached(self, key: str) -> dict[str, Any] | None:
-        from echat.synth.llm_reply import AnswerError
+        from echat.endpoints import AnswerError
 
         if self._cache is None:
             return None
@@ -362,7 +362,7 @@ class LLMJudge(Stage):
 
     def _ask(self, messages: list[dict[str, str]]) -> dict[str, Any]:
         """A valid verdict, asking again with the error fed back; AnswerError after the last try."""
-        from echat.synth.llm_reply import AnswerError, parse_json_object
+        from echat.endpoints import AnswerError, parse_json_object
 
         conversation = list(messages)
         error = None
@@ -392,7 +392,7 @@ class LLMJudge(Stage):
         import openai
         from openai.types.chat import ChatCompletion
 
-        from echat.synth.llm_reply import TRANSIENT_STATUS, AnswerError, _error_code, _error_text, retry_after, safe_url
+        from echat.endpoints import TRANSIENT_STATUS, AnswerError, error_code, error_text, retry_after, safe_url
 
         while True:
             if not self._breaker.allow():
@@ -409,18 +409,18 @@ class LLMJudge(Stage):
             except openai.APIStatusError as exc:
                 status = exc.status_code
                 if status in TRANSIENT_STATUS or status >= 500:
-                    if status == 429 and _error_code(exc) == "insufficient_quota":
+                    if status == 429 and error_code(exc) == "insufficient_quota":
                         self._breaker.success()
                         raise AnswerError("llm_quota", "HTTP 429 insufficient_quota: the account has no credit left") from None
                     self._transient()
-                    raise TransientError(f"HTTP {status}: {self._redact(_error_text(exc))}", retry_after=retry_after(exc.response)) from None
+                    raise TransientError(f"HTTP {status}: {self._redact(error_text(exc))}", retry_after=retry_after(exc.response)) from None
                 self._breaker.success()
                 if status == 400 and mode != "none" and re.search(r"response_format|json_schema|json_object|structured", str(exc), re.I):
                     self._downgrade(mode, exc)
                     continue
                 if status in (401, 403):
                     raise AnswerError("llm_auth_error", f"HTTP {status}: the endpoint refused the credentials (${self.api_key_env})") from None
-                raise AnswerError("llm_request_error", f"HTTP {status}: {self._redact(_error_text(exc))}") from None
+                raise AnswerError("llm_request_error", f"HTTP {status}: {self._redact(error_text(exc))}") from None
             except openai.APITimeoutError:
                 self._transient()
                 raise TransientError(f"no answer within {self.timeout_s:g} s") from None
@@ -442,7 +442,7 @@ class LLMJudge(Stage):
             return message.content or ""
 
     def _transient(self) -> None:
-        from echat.synth.llm_reply import safe_url
+        from echat.endpoints import safe_url
 
         self._count(transient_errors=1)
         if self._breaker.failure():
@@ -458,11 +458,6 @@ class LLMJudge(Stage):
                             mode, self._redact(str(exc))[:200], weaker)
 
     def _redact(self, text: str) -> str:
-        """`text` with the key, bearer tokens and sk-... strings hidden."""
-        from echat.synth.llm_reply import NO_KEY
+        from echat.endpoints import client_redact
 
-        key = getattr(self._client, "api_key", None)
-        if isinstance(key, str) and key and key != NO_KEY:
-            text = text.replace(key, "***")
-        text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
-        return re.sub(r"\bsk-[A-Za-z0-9_\-*]{6,}", "sk-***", text)
+        return client_redact(self._client, text)

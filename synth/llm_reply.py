@@ -48,18 +48,12 @@ from `price_input_per_m` / `price_output_per_m`, USD per million tokens) is repo
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
 import re
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from email.utils import parsedate_to_datetime
+from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from echat.schemas import vocab
 from echat.schemas.reasoning import THINK_END, THINK_START, wrap_think
@@ -67,15 +61,18 @@ from echat.schemas.stage import Reject, Stage, TransientError
 from echat.schemas.text import CJK_OR_WORD, count_cjk
 
 from . import llm_prompts, reasoning
+from echat.endpoints import (  # noqa: F401 - the reply stage's names for them, used by its callers too
+    NO_KEY, TRANSIENT_STATUS, AnswerError, CircuitBreaker, KeyedGate, client_redact, error_code, error_text, openai_client,
+    parse_json_object, retry_after, safe_url,
+)
+
 from .cache import ContentCache, cache_key
 
 log = logging.getLogger(__name__)
 
 CACHE_NAMESPACE = "llm-reply"
 STRUCTURED_MODES = ("json_schema", "json_object", "none")
-TRANSIENT_STATUS = frozenset({408, 409, 425, 429})
 LANGUAGES = ("en", "zh")
-NO_KEY = "EMPTY"  # sent to a local server (vLLM, llama.cpp) when the key variable is unset
 
 # Replies that speak of themselves as a machine. OSUM-EChat's loader (wenet/dataset/process/
 # processor.py, `self_list`) drops replies naming an assistant, a chatbot, ChatGPT or a language
@@ -88,56 +85,6 @@ SELF_REFERENCE = (
     re.compile(r"(?:我是|我只是|作为)(?:一个|一名|一款)?(?:AI|ai|人工智能|语言模型|聊天机器人|机器人|程序|助手|虚拟助手|智能助手)"),
     re.compile(r"语言模型|AI助手|AI 助手|智能助手|聊天机器人|虚拟助手|ChatGPT", re.I),
 )
-
-
-class AnswerError(ValueError):
-    """An answer that cannot be used; `reason` is the reject code if it is the last one."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-class CircuitBreaker:
-    """Opens after `failures` consecutive transient failures, for `cooldown_s` seconds.
-
-    Thread-safe. While open, `allow()` is False. After the cool-down requests go through again;
-    the count is not reset until a success, so the next failure opens it again at once.
-    """
-
-    def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic):
-        self.failures, self.cooldown_s, self.clock = failures, cooldown_s, clock
-        self._count = 0
-        self._open_until = 0.0
-        self._lock = threading.Lock()
-
-    def allow(self) -> bool:
-        with self._lock:
-            return self.clock() >= self._open_until
-
-    def success(self) -> None:
-        with self._lock:
-            self._count = 0
-
-    def failure(self) -> bool:
-        """Count one failure; True when this one opened the circuit."""
-        with self._lock:
-            self._count += 1
-            if self._count >= self.failures and self.clock() >= self._open_until:
-                self._open_until = self.clock() + self.cooldown_s
-                return True
-            return False
-
-
-def safe_url(url: str | None) -> str | None:
-    """`url` without user:password and without a query string (either may hold a credential)."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def length_units(text: str) -> int:
@@ -167,27 +114,6 @@ def self_reference(text: str) -> str | None:
         if match:
             return match.group(0)
     return None
-
-
-def parse_json_object(content: str) -> dict[str, Any]:
-    """The JSON object in `content`: alone, in a ``` fence, or amid prose (first { to last })."""
-    text = content.strip()
-    fenced = re.match(r"^```(?:json)?\s*(.*?)\s*```$", text, re.S | re.I)
-    if fenced:
-        text = fenced.group(1)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        start, end = text.find("{"), text.rfind("}")
-        if start < 0 or end <= start:
-            raise AnswerError("llm_malformed", f"the answer is not a JSON object: {content[:120]!r}") from None
-        try:
-            value = json.loads(text[start:end + 1])
-        except json.JSONDecodeError as exc:
-            raise AnswerError("llm_malformed", f"the answer is not valid JSON ({exc.msg}): {content[:120]!r}") from None
-    if not isinstance(value, dict):
-        raise AnswerError("llm_malformed", f"the answer is JSON but not an object: {content[:120]!r}")
-    return value
 
 
 def validate_answer(
@@ -250,51 +176,6 @@ def validate_answer(
     if turns > 1:
         answer[llm_prompts.HISTORY_KEY] = history
     return answer
-
-
-def openai_client(*, api_key_env: str, base_url: str | None, timeout_s: float, what: str, slot: str | None = None):
-    """The `openai` client every endpoint stage uses (replies, style, speech, query text).
-
-    The key comes from the environment variable `api_key_env` only. Without one, a request to
-    OpenAI itself (no `base_url`) is refused, naming the variable; a local server gets the
-    placeholder key and a warning. `max_retries=0`: the stage runner owns retries (backoff,
-    jitter, Retry-After, a bound). httpx logs every request at INFO; the build's log keeps only
-    our own lines about them.
-    """
-    import openai
-
-    key = os.environ.get(api_key_env) or None
-    if key is None:
-        if base_url is None:
-            hint = f" (or name another with {slot}.params.api_key_env)" if slot else ""
-            raise RuntimeError(f"no API key: set the environment variable {api_key_env}{hint}")
-        log.warning("$%s is not set: sending %s requests to %s without a key", api_key_env, what, safe_url(base_url))
-    for name in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    return openai.OpenAI(api_key=key or NO_KEY, base_url=base_url, timeout=timeout_s, max_retries=0)
-
-
-class KeyedGate:
-    """Records with the same key run one after the other (the second then finds the first's result
-    in the cache), while different keys run at once."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._gates: dict[str, list] = {}
-
-    @contextlib.contextmanager
-    def hold(self, key: str) -> Iterator[None]:
-        with self._lock:
-            gate = self._gates.setdefault(key, [threading.Lock(), 0])
-            gate[1] += 1
-        try:
-            with gate[0]:
-                yield
-        finally:
-            with self._lock:
-                gate[1] -= 1
-                if gate[1] == 0:
-                    self._gates.pop(key, None)
 
 
 class _CircuitOpen(Exception):
@@ -603,18 +484,18 @@ class OpenAIReply(Stage):
             except openai.APIStatusError as exc:
                 status = exc.status_code
                 if status in TRANSIENT_STATUS or status >= 500:
-                    if status == 429 and _error_code(exc) == "insufficient_quota":
+                    if status == 429 and error_code(exc) == "insufficient_quota":
                         self._breaker.success()
                         raise AnswerError("llm_quota", "HTTP 429 insufficient_quota: the account has no credit left") from None
                     self._transient()
-                    raise TransientError(f"HTTP {status}: {self._redact(_error_text(exc))}", retry_after=retry_after(exc.response)) from None
+                    raise TransientError(f"HTTP {status}: {self._redact(error_text(exc))}", retry_after=retry_after(exc.response)) from None
                 self._breaker.success()
                 if status == 400 and mode != "none" and re.search(r"response_format|json_schema|json_object|structured", str(exc), re.I):
                     self._downgrade(mode, exc)
                     continue
                 if status in (401, 403):
                     raise AnswerError("llm_auth_error", f"HTTP {status}: the endpoint refused the credentials (${self.api_key_env})") from None
-                raise AnswerError("llm_request_error", f"HTTP {status}: {self._redact(_error_text(exc))}") from None
+                raise AnswerError("llm_request_error", f"HTTP {status}: {self._redact(error_text(exc))}") from None
             except openai.APITimeoutError:
                 self._transient()
                 raise TransientError(f"no answer within {self.timeout_s:g} s") from None
@@ -646,30 +527,7 @@ class OpenAIReply(Stage):
                             self.slot_name, mode, self._redact(str(exc))[:200], weaker)
 
     def _redact(self, text: str) -> str:
-        """`text` with the key, bearer tokens and sk-... strings hidden."""
-        key = getattr(self._client, "api_key", None)
-        if isinstance(key, str) and key and key != NO_KEY:
-            text = text.replace(key, "***")
-        text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
-        return re.sub(r"\bsk-[A-Za-z0-9_\-*]{6,}", "sk-***", text)
-
-
-def _error_text(exc: Any) -> str:
-    body = getattr(exc, "body", None)
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])[:500]
-    return str(getattr(exc, "message", None) or exc)[:500]
-
-
-def _error_code(exc: Any) -> str | None:
-    code = getattr(exc, "code", None)
-    if code:
-        return str(code)
-    body = getattr(exc, "body", None)
-    inner = body.get("error", body) if isinstance(body, dict) else None
-    return str(inner.get("code")) if isinstance(inner, dict) and inner.get("code") else None
+        return client_redact(self._client, text)
 
 
 def as_turns(history: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -677,26 +535,3 @@ def as_turns(history: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{"role": role, "text": exchange[role]} for exchange in history for role in ("user", "assistant")]
 
 
-def retry_after(response: Any) -> float | None:
-    """Seconds the peer asked to wait: `retry-after-ms`, or `Retry-After` as seconds or an HTTP date."""
-    headers = getattr(response, "headers", None)
-    if not headers:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())

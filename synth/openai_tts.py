@@ -44,7 +44,7 @@ from echat.schemas.record import SAMPLE_RATE
 from echat.schemas.stage import Reject, Stage, TransientError
 
 from .cache import ContentCache, cache_key
-from .llm_reply import NO_KEY, TRANSIENT_STATUS, KeyedGate, _error_text, openai_client, retry_after, safe_url
+from echat.endpoints import TRANSIENT_STATUS, KeyedGate, error_text, openai_client, redact, retry_after, safe_url
 from .speech_styles import SpeechStyles, load_speech_styles
 
 log = logging.getLogger(__name__)
@@ -63,14 +63,6 @@ class RequestRefused(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
-
-
-def redact(text: str, key: str | None) -> str:
-    """`text` without the API key, bearer tokens or sk-... strings."""
-    if key and key != NO_KEY:
-        text = text.replace(key, "***")
-    text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
-    return re.sub(r"\bsk-[A-Za-z0-9_\-*]{6,}", "sk-***", text)
 
 
 def decode_speech(data: bytes) -> np.ndarray:
@@ -261,10 +253,10 @@ class OpenAISpeechTTS(Stage):
             status = exc.status_code
             if status in TRANSIENT_STATUS or status >= 500:
                 self._count(transient_errors=1)
-                raise TransientError(f"HTTP {status}: {redact(_error_text(exc), key)}", retry_after=retry_after(exc.response)) from None
+                raise TransientError(f"HTTP {status}: {redact(error_text(exc), key)}", retry_after=retry_after(exc.response)) from None
             if status in (401, 403):
                 raise RequestRefused("tts_auth_error", f"HTTP {status}: the endpoint refused the credentials (${self.api_key_env})") from None
-            raise RequestRefused("tts_request_error", f"HTTP {status}: {redact(_error_text(exc), key)}") from None
+            raise RequestRefused("tts_request_error", f"HTTP {status}: {redact(error_text(exc), key)}") from None
         except openai.APITimeoutError:
             self._count(transient_errors=1)
             raise TransientError(f"no answer within {self.timeout_s:g} s") from None

@@ -35,8 +35,8 @@ from echat.schemas import vocab
 from echat.schemas.stage import Reject, Stage, TransientError
 
 from .cache import ContentCache, cache_key
-from .llm_reply import (TRANSIENT_STATUS, AnswerError, _error_text, language_problem, length_units,
-                        openai_client, parse_json_object, retry_after, safe_url)
+from echat.endpoints import TRANSIENT_STATUS, AnswerError, error_text, openai_client, parse_json_object, retry_after, safe_url
+from .llm_reply import language_problem, length_units
 
 log = logging.getLogger(__name__)
 
@@ -273,8 +273,8 @@ class QueryTextLLM(Stage):
         except openai.APIStatusError as exc:
             if exc.status_code in TRANSIENT_STATUS or exc.status_code >= 500:
                 self._count(transient_errors=1)
-                raise TransientError(f"HTTP {exc.status_code}: {_error_text(exc)}", retry_after=retry_after(exc.response)) from None
-            raise RuntimeError(f"HTTP {exc.status_code} from {safe_url(self.base_url)}: {_error_text(exc)}") from None
+                raise TransientError(f"HTTP {exc.status_code}: {error_text(exc)}", retry_after=retry_after(exc.response)) from None
+            raise RuntimeError(f"HTTP {exc.status_code} from {safe_url(self.base_url)}: {error_text(exc)}") from None
         except openai.APITimeoutError:
             self._count(transient_errors=1)
             raise TransientError(f"no answer within {self.timeout_s:g} s") from None
