@@ -9,7 +9,8 @@ inputs, so a pass is as large as the small build). The DirectRunner runs in mult
 with one worker, so the driver (the runner, which holds what passes between fused stages in
 memory) and the worker (which runs the stages) are separate processes. Their resident memory is
 sampled every 0.1 s through psutil; the peak of each is printed, and the ratio of each large run's
-peak to the small one's against the target (within 1.2x).
+peak to the small one's against the target (within 1.2x). Shards hold --rows-per-shard rows at
+both sizes, so the comparison is between corpora, not between shard sizes.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=48)
     parser.add_argument("--factor", type=int, default=10)
     parser.add_argument("--workdir", default="/tmp/echat-bench-memory")
+    # shards of the same size at both corpus sizes: a shard is written as a stream, but its plan is whole
+    parser.add_argument("--rows-per-shard", type=int, default=40)
     args = parser.parse_args()
 
     from echat.synth.demo_corpus import make_demo_corpus
@@ -70,6 +73,7 @@ def main() -> int:
             shutil.rmtree(folder, ignore_errors=True)
         command = [echat, "build", "--profile", "local", "--input", str(corpus / "manifest.jsonl"), "--output", str(out),
                    "--quiet", "--no-validate", "--set", f"cache_dir={cache}", "--set", f"output.chunks={chunks}",
+                   "--set", f"output.rows_per_shard={args.rows_per_shard}",
                    "--direct_running_mode=multi_processing", "--direct_num_workers=1"]
         code, peaks, seconds = peak_memory(command)
         if code:

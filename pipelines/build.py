@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -238,6 +239,9 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
                     tallies.update(_read_json(tallies_path))  # the source's rejects are tallied in the pipeline too
                     counters.update(read_counters(result))
                     accuracies.append(_read_pickle(accuracy_path))
+                if not final:  # what the local runner held for this pass goes before the next one
+                    del pipeline, result, shards
+                    gc.collect()
     wall = time.time() - started
     if dry_run:
         return _dry_run_summary(options, result, probe, specs, out)

@@ -10,7 +10,7 @@ larger than the byte bound gets a shard of its own).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import apache_beam as beam
 
@@ -40,42 +40,42 @@ def shard_path(data_dir: str, index: int, num_shards: int) -> str:
     return FileSystems.join(data_dir, f"train-{index:05d}-of-{num_shards:05d}.parquet")
 
 
-def write_shard(item: tuple[int, list[dict[str, Any]]], data_dir: str, num_shards: int) -> dict[str, Any]:
-    """Write one shard atomically (temp name, then rename); returns what was written.
+def write_shard(index: int, rows: Iterable[dict[str, Any]], data_dir: str, num_shards: int) -> dict[str, Any]:
+    """Write one shard from `rows` in id order, a row group at a time, atomically (temp name, then
+    rename); returns what was written. Memory: one row group, whatever the shard's size.
 
     Counts its rows, time and audio like a stage (`write.*` counters), so the summary shows it.
     """
     import time
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
     from apache_beam.metrics import Metrics
 
     from .stage_transform import METRICS_NAMESPACE, counter_name
 
     started = time.perf_counter()
-    written = _write_shard(item, data_dir, num_shards)
-    rows = item[1]
-    for what, value in (("in", len(rows)), ("out", 1), ("micros", int((time.perf_counter() - started) * 1e6)),
-                        ("audio_ms_in", int(sum(float(r.get("duration") or 0) for r in rows) * 1000))):
-        Metrics.counter(METRICS_NAMESPACE, counter_name(WRITE_SLOT, what)).inc(value)
-    return written
-
-
-def _write_shard(item: tuple[int, list[dict[str, Any]]], data_dir: str, num_shards: int) -> dict[str, Any]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
-
-    index, rows = item
-    rows = sorted(rows, key=lambda r: r["id"])
-    table = pa.Table.from_pylist(rows, schema=rec.arrow_schema())
+    schema = rec.arrow_schema()
     final = shard_path(data_dir, index, num_shards)
     temp = FileSystems.join(data_dir, f".tmp-{index:05d}-of-{num_shards:05d}.parquet")
-    with FileSystems.create(temp) as handle:
-        pq.write_table(table, handle, row_group_size=ROW_GROUP_ROWS, compression="zstd")
+    count, nbytes, audio_seconds, group = 0, 0, 0.0, []
+    with FileSystems.create(temp) as handle, pq.ParquetWriter(handle, schema, compression="zstd") as writer:
+        for row in rows:
+            group.append(row)
+            count, nbytes, audio_seconds = count + 1, nbytes + row_bytes(row), audio_seconds + float(row.get("duration") or 0)
+            if len(group) == ROW_GROUP_ROWS:
+                writer.write_table(pa.Table.from_pylist(group, schema=schema))
+                group = []
+        if group or not count:
+            writer.write_table(pa.Table.from_pylist(group, schema=schema))
     if FileSystems.exists(final):
         FileSystems.delete([final])
     FileSystems.rename([temp], [final])
-    return {"path": final, "rows": len(rows), "bytes": sum(row_bytes(r) for r in rows)}
+    for what, value in (("in", count), ("out", 1), ("micros", int((time.perf_counter() - started) * 1e6)),
+                        ("audio_ms_in", int(audio_seconds * 1000))):
+        Metrics.counter(METRICS_NAMESPACE, counter_name(WRITE_SLOT, what)).inc(value)
+    return {"path": final, "rows": count, "bytes": nbytes}
 
 
 def plan_from_index(index: list[tuple[str, str, int]], rows_per_shard: int, max_shard_bytes: int) -> dict[str, Any]:
@@ -110,13 +110,16 @@ def spill_part(path: str, plan: dict[str, Any], spill_dir: str):
 
 
 def write_shard_from_spills(item: tuple[int, list[str]], data_dir: str, num_shards: int) -> dict[str, Any]:
+    """Write shard `index` by merging its spill files, each already in id order, as a stream."""
+    import heapq
+
     from apache_beam.io.filesystems import FileSystems
 
     from .parts import read_rows
 
     index, spills = item
-    rows = [row for spill in sorted(spills) for row in read_rows(spill)]
-    written = write_shard((index, rows), data_dir, num_shards)
+    merged = heapq.merge(*(read_rows(spill) for spill in sorted(spills)), key=lambda r: r["id"])
+    written = write_shard(index, merged, data_dir, num_shards)
     FileSystems.delete(sorted(spills))
     return written
 

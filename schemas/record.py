@@ -42,7 +42,7 @@ class Field:
 FIELDS: tuple[Field, ...] = (
     # identity and provenance
     Field("id", STRING, "Stable id: hash of source_uri (relative to the input root) and segment bounds, so a moved corpus keeps its ids.", nullable=False),
-    Field("source_uri", STRING, "The input file's path relative to the input root (a folder, or a manifest's folder); a file outside it is external/<hash of its folder>/<name>.", nullable=False),
+    Field("source_uri", STRING, "The input's location relative to the input root (a folder or bucket prefix, or a manifest's or list's folder): a file's path; <tar path>/<key> for a WeNet tar member; <dataset>/<data file>/<row> for a Hugging Face dataset row; a file outside the root is external/<hash of its folder>/<name>.", nullable=False),
     Field("source_dataset", STRING, "Name of the source corpus or manifest."),
     Field("source_kind", STRING, "real: recorded speech; synthetic: a query written and spoken for chosen cues.", allowed=SOURCE_KINDS),
     Field("license", STRING, "License of the source audio, when known."),

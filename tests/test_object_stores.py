@@ -100,6 +100,22 @@ def test_build_reads_and_writes_the_bucket(bucket_builds, scheme):
 
 
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_a_bucket_folder_is_listed_by_the_pipeline(stores, scheme, local_profile):
+    """A prefix as `--input`: Beam's MatchFiles lists it inside the pipeline; the ids are relative
+    to the prefix, so they equal those of the same files built from the manifest's folder."""
+    from echat.pipelines.build import build
+
+    summary = build(local_profile("trust_manifest=false"), f"{scheme}://{CORPUS}/in/audio",
+                    f"{scheme}://{OUT}/folder-build", beam_args=stores[scheme])
+    assert summary["reconciliation"]["ok"], summary["reconciliation"]["mismatches"]
+    assert summary["inputs"]["sources"] == N_AUDIO + 1 and summary["inputs"]["decoded"] == N_AUDIO
+    assert summary["rejects"]["by_stage_reason"].get("decode/decode_error") == 1
+    assert summary["skipped_in_input"] == {}
+    in_bucket = {p.rsplit("/", 1)[1] for p in _fs(scheme).find(f"{CORPUS}/in/audio")}
+    assert {row["source_uri"] for row in summary["per_source"]} == in_bucket  # relative to the prefix
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
 def test_shards_read_back_through_fsspec(bucket_builds, scheme, tmp_path):
     import datasets
     import pyarrow.parquet as pq

@@ -255,6 +255,32 @@ def test_an_osum_raw_list_is_detected_and_read_in_the_pipeline(tmp_path):
     assert len(rejects) == 1 and "data.list:2" in (rejects[0]["source_uri"] + rejects[0]["detail"] + next(iter(tallies)))
 
 
+def test_an_osum_raw_list_builds_through_input_detection(tmp_path, local_profile, demo_corpus):
+    """`--input data.list` of OSUM raw rows: the user's turn (the question of a chat row, the
+    transcript of an ASR row) and its labels become the records; a bad line is a reject."""
+    from echat.pipelines.build import build
+
+    _osum()
+    (tmp_path / "wav").mkdir()
+    speech = sorted((demo_corpus / "audio").glob("*.wav"))[:2]  # real speech: VAD keeps it
+    for key, source in zip(("k1", "k2"), speech):
+        (tmp_path / "wav" / f"{key}.wav").write_bytes(source.read_bytes())
+    rows = [{"key": "k1", "wav": "wav/k1.wav", "txt": "I am sorry to hear that.", "task": "<S2TCHAT>", "lang": "en",
+             "extra": {"question": "I lost my keys", "gender": "<FEMALE>"}},
+            {"key": "k2", "wav": "wav/k2.wav", "txt": "good morning", "task": "<TRANSCRIBE>", "lang": "en"}]
+    raw = tmp_path / "data.list"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    summary = build(local_profile(), str(raw), str(tmp_path / "out"), overwrite=True)
+    assert summary["reconciliation"]["ok"], summary["reconciliation"]["mismatches"]
+    assert summary["inputs"]["decoded"] == 2 and summary["rejects"]["files"] == 1, summary["rejects"]
+    import pyarrow.parquet as pq
+
+    rows_out = [r for f in sorted((tmp_path / "out" / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    by_source = {r["source_uri"]: r for r in rows_out}
+    assert {r["transcript"] for r in rows_out} == {"I lost my keys", "good morning"}
+    assert by_source["wav/k1.wav"]["gender"] == "female" and by_source["wav/k1.wav"]["gender_model"] == "manifest"
+
+
 def test_a_wenet_shard_list_builds_through_input_detection(tmp_path, local_profile):
     import tarfile
 
