@@ -196,3 +196,98 @@ def retry_after(response: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+STRUCTURED_MODES = ("json_schema", "json_object", "none")  # strongest first: a refusal steps one down
+
+
+class CircuitOpen(Exception):
+    """No request sent: the circuit breaker is open after repeated transient failures."""
+
+
+class ChatEndpoint:
+    """The request path every chat-completions stage shares (the reply stage, the style labeler,
+    the judge): one POST through the client's own request machinery, the circuit breaker, HTTP
+    errors sorted into what may pass (TransientError, retried by the stage runner) and what will
+    not (AnswerError), a structured-output mode the endpoint refuses stepped down once for all
+    threads, and token usage counted.
+
+    A stage using it sets `_client`, `_breaker`, `_lock`, `_mode`, `model`, `base_url`,
+    `api_key_env`, `timeout_s`, `breaker_cooldown_s`, and has `sampling()`, `_response_format(mode)`
+    and `_count(**amounts)`. `_endpoint_label()` names it in log lines.
+    """
+
+    def _endpoint_label(self) -> str:
+        return getattr(self, "slot_name", type(self).__name__)
+
+    def _complete(self, conversation: list[dict[str, str]]) -> Any:
+        """One ChatCompletion for `conversation`."""
+        import openai
+        from openai.types.chat import ChatCompletion
+
+        from echat.schemas.stage import TransientError
+
+        while True:
+            if not self._breaker.allow():
+                raise CircuitOpen(f"the circuit is open after repeated transient failures of {safe_url(self.base_url) or 'the endpoint'}; "
+                                  f"no request sent (cool-down {self.breaker_cooldown_s:g} s)")
+            mode = self._mode
+            sampling = self.sampling()
+            body: dict[str, Any] = {"model": self.model, "messages": conversation,
+                                    **{k: v for k, v in sampling.items() if k != "extra_body"}, **sampling.get("extra_body", {})}
+            response_format = self._response_format(mode)
+            if response_format is not None:
+                body["response_format"] = response_format
+            self._count(requests=1)
+            try:
+                # The client's own request path (auth, timeout, errors) with a plain JSON body: the
+                # typed `chat.completions.create` spends as much CPU walking its TypedDicts over
+                # the messages as the rest of a request, which caps the requests one process keeps
+                # in flight. The answer is parsed into the same ChatCompletion.
+                response = self._client.post("/chat/completions", body=body, cast_to=ChatCompletion)
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+                if status in TRANSIENT_STATUS or status >= 500:
+                    if status == 429 and error_code(exc) == "insufficient_quota":
+                        self._breaker.success()
+                        raise AnswerError("llm_quota", "HTTP 429 insufficient_quota: the account has no credit left") from None
+                    self._transient()
+                    raise TransientError(f"HTTP {status}: {self._redact(error_text(exc))}", retry_after=retry_after(exc.response)) from None
+                self._breaker.success()
+                if status == 400 and mode != "none" and re.search(r"response_format|json_schema|json_object|structured", str(exc), re.I):
+                    self._downgrade(mode, exc)
+                    continue
+                if status in (401, 403):
+                    raise AnswerError("llm_auth_error", f"HTTP {status}: the endpoint refused the credentials (${self.api_key_env})") from None
+                raise AnswerError("llm_request_error", f"HTTP {status}: {self._redact(error_text(exc))}") from None
+            except openai.APITimeoutError:
+                self._transient()
+                raise TransientError(f"no answer within {self.timeout_s:g} s") from None
+            except openai.APIConnectionError as exc:
+                self._transient()
+                raise TransientError(f"connection failed: {self._redact(str(exc))}") from None
+            self._breaker.success()
+            usage = getattr(response, "usage", None)
+            self._used(int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0))
+            return response
+
+    def _used(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self._count(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+
+    def _transient(self) -> None:
+        self._count(transient_errors=1)
+        if self._breaker.failure():
+            log.warning("%s: %d consecutive transient failures of %s; no requests for %g s (records rejected as circuit_open)",
+                        self._endpoint_label(), self._breaker.failures, safe_url(self.base_url) or "the endpoint",
+                        self.breaker_cooldown_s)
+
+    def _downgrade(self, mode: str, exc: Exception) -> None:
+        weaker = STRUCTURED_MODES[STRUCTURED_MODES.index(mode) + 1]
+        with self._lock:
+            if self._mode == mode:
+                self._mode = weaker
+                log.warning("%s: the endpoint refused response_format %s (%s); using %s from now on",
+                            self._endpoint_label(), mode, self._redact(str(exc))[:200], weaker)
+
+    def _redact(self, text: str) -> str:
+        return client_redact(self._client, text)

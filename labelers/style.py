@@ -42,11 +42,10 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, ClassVar
 
-from echat.schemas.stage import HEURISTIC, MODEL, Reject, Stage, TransientError
+from echat.schemas.stage import HEURISTIC, MODEL, Reject, Stage
 from echat.schemas.vocab import STYLES
 from echat.endpoints import (
-    TRANSIENT_STATUS, AnswerError, CircuitBreaker, client_redact, error_code, error_text, openai_client, parse_json_object,
-    retry_after, safe_url,
+    STRUCTURED_MODES, AnswerError, ChatEndpoint, CircuitBreaker, CircuitOpen, openai_client, parse_json_object, safe_url,
 )
 
 from .flags import add_flag
@@ -57,7 +56,6 @@ UNKNOWN_FLAG = "style_unknown"
 KEYWORDS_MODEL = "style-keywords-v1"
 PROMPT_VERSION = "style-v1"
 CACHE_NAMESPACE = "llm-style"
-STRUCTURED_MODES = ("json_schema", "json_object", "none")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
 
 
@@ -185,11 +183,7 @@ def validate_style_answer(data: Any) -> tuple[str, float]:
     return style, float(min(1.0, max(0.0, confidence)))
 
 
-class _CircuitOpen(Exception):
-    pass
-
-
-class OpenAIStyle(Stage):
+class OpenAIStyle(ChatEndpoint, Stage):
     name: ClassVar[str] = "style"
     reads: ClassVar[tuple[str, ...]] = ("transcript",)
     writes: ClassVar[tuple[str, ...]] = ("style", "style_score", "style_model", "quality_flags")
@@ -309,7 +303,7 @@ class OpenAIStyle(Stage):
         if answer is None:
             try:
                 answer = self._ask(messages)
-            except _CircuitOpen as exc:
+            except CircuitOpen as exc:
                 self._count(circuit_open=1)
                 yield self.reject(record, "circuit_open", str(exc))
                 return
@@ -348,7 +342,7 @@ class OpenAIStyle(Stage):
         conversation = list(messages)
         error = None
         for _ in range(self.answer_attempts):
-            response = self._request(conversation)
+            response = self._complete(conversation)
             choices = getattr(response, "choices", None) or []
             content = (choices[0].message.content or "") if choices else ""
             try:
@@ -372,58 +366,3 @@ class OpenAIStyle(Stage):
             return {"type": "json_object"}
         return None
 
-    def _request(self, conversation: list[dict[str, str]]) -> Any:
-        """One completion: TransientError for what may pass, AnswerError for a permanent refusal."""
-        import openai
-        from openai.types.chat import ChatCompletion
-
-        while True:
-            if not self._breaker.allow():
-                raise _CircuitOpen(f"the circuit is open after repeated transient failures of "
-                                   f"{safe_url(self.base_url) or 'the endpoint'}; no request sent")
-            mode = self._mode
-            body: dict[str, Any] = {"model": self.model, "messages": conversation, **self.sampling()}
-            response_format = self._response_format(mode)
-            if response_format is not None:
-                body["response_format"] = response_format
-            self._count(requests=1)
-            try:
-                response = self._client.post("/chat/completions", body=body, cast_to=ChatCompletion)
-            except openai.APIStatusError as exc:
-                status = exc.status_code
-                if status in TRANSIENT_STATUS or status >= 500:
-                    if status == 429 and error_code(exc) == "insufficient_quota":
-                        self._breaker.success()
-                        raise AnswerError("llm_quota", "HTTP 429 insufficient_quota: the account has no credit left") from None
-                    self._transient()
-                    raise TransientError(f"HTTP {status}: {self._redact(error_text(exc))}",
-                                         retry_after=retry_after(exc.response)) from None
-                self._breaker.success()
-                if status == 400 and mode != "none" and re.search(r"response_format|json_schema|json_object|structured", str(exc), re.I):
-                    with self._lock:
-                        if self._mode == mode:
-                            self._mode = STRUCTURED_MODES[STRUCTURED_MODES.index(mode) + 1]
-                            log.warning("%s: the endpoint refused response_format %s; using %s from now on",
-                                        self.slot_name, mode, self._mode)
-                    continue
-                if status in (401, 403):
-                    raise AnswerError("llm_auth_error", f"HTTP {status}: the endpoint refused the credentials (${self.api_key_env})") from None
-                raise AnswerError("llm_request_error", f"HTTP {status}: {self._redact(error_text(exc))}") from None
-            except openai.APITimeoutError:
-                self._transient()
-                raise TransientError(f"no answer within {self.timeout_s:g} s") from None
-            except openai.APIConnectionError as exc:
-                self._transient()
-                raise TransientError(f"connection failed: {self._redact(str(exc))}") from None
-            self._breaker.success()
-            usage = getattr(response, "usage", None)
-            self._count(prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-                        completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0))
-            return response
-
-    def _transient(self) -> None:
-        self._count(transient_errors=1)
-        self._breaker.failure()
-
-    def _redact(self, text: str) -> str:
-        return client_redact(self._client, text)

@@ -25,13 +25,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
-from echat.schemas.stage import Reject, Stage, TransientError
+from echat.endpoints import STRUCTURED_MODES, ChatEndpoint, CircuitOpen
+from echat.schemas.stage import Reject, Stage
 
 log = logging.getLogger(__name__)
 
 PROMPT_FILE = "judge_prompt.yaml"
 CACHE_NAMESPACE = "echat-judge"
-STRUCTURED_MODES = ("json_schema", "json_object", "none")
 # The query labels the judge is shown, in this order (record field, name in the prompt).
 QUERY_LABELS = (("emotion", "emotion"), ("age", "age group"), ("gender", "gender"), ("events", "sounds heard"),
                 ("style", "speaking style"))
@@ -175,11 +175,7 @@ def validate_verdict(data: Any, prompt: JudgePrompt) -> dict[str, dict[str, Any]
     return verdict
 
 
-class _CircuitOpen(Exception):
-    pass
-
-
-class LLMJudge(Stage):
+class LLMJudge(ChatEndpoint, Stage):
     """Scores one response per record on the prompt's dimensions, through an OpenAI-compatible endpoint.
 
     Args:
@@ -332,7 +328,7 @@ class LLMJudge(Stage):
                 except AnswerError as exc:
                     yield self.reject(record, exc.reason, str(exc))
                     return
-                except _CircuitOpen as exc:
+                except CircuitOpen as exc:
                     self._count(circuit_open=1)
                     yield self.reject(record, "circuit_open", str(exc))
                     return
@@ -389,75 +385,16 @@ class LLMJudge(Stage):
 
     def _request(self, conversation: list[dict[str, str]]) -> str:
         """The text of one completion. TransientError for what may pass, AnswerError for what will not."""
-        import openai
-        from openai.types.chat import ChatCompletion
+        from echat.endpoints import AnswerError
 
-        from echat.endpoints import TRANSIENT_STATUS, AnswerError, error_code, error_text, retry_after, safe_url
+        response = self._complete(conversation)
+        choices = response.choices or []
+        if not choices:
+            raise AnswerError("llm_malformed", "the completion has no choices")
+        message = choices[0].message
+        if getattr(message, "refusal", None):
+            raise AnswerError("llm_refused", f"the judge refused: {str(message.refusal)[:200]}")
+        if choices[0].finish_reason == "length":
+            raise AnswerError("llm_too_long", f"the verdict was cut off at max_tokens={self.max_tokens}")
+        return message.content or ""
 
-        while True:
-            if not self._breaker.allow():
-                raise _CircuitOpen(f"the circuit is open after repeated transient failures of {safe_url(self.base_url) or 'the endpoint'}; "
-                                   f"no request sent (cool-down {self.breaker_cooldown_s:g} s)")
-            mode = self._mode
-            body: dict[str, Any] = {"model": self.model, "messages": conversation, **self.sampling()}
-            response_format = self._response_format(mode)
-            if response_format is not None:
-                body["response_format"] = response_format
-            self._count(requests=1)
-            try:
-                response = self._client.post("/chat/completions", body=body, cast_to=ChatCompletion)
-            except openai.APIStatusError as exc:
-                status = exc.status_code
-                if status in TRANSIENT_STATUS or status >= 500:
-                    if status == 429 and error_code(exc) == "insufficient_quota":
-                        self._breaker.success()
-                        raise AnswerError("llm_quota", "HTTP 429 insufficient_quota: the account has no credit left") from None
-                    self._transient()
-                    raise TransientError(f"HTTP {status}: {self._redact(error_text(exc))}", retry_after=retry_after(exc.response)) from None
-                self._breaker.success()
-                if status == 400 and mode != "none" and re.search(r"response_format|json_schema|json_object|structured", str(exc), re.I):
-                    self._downgrade(mode, exc)
-                    continue
-                if status in (401, 403):
-                    raise AnswerError("llm_auth_error", f"HTTP {status}: the endpoint refused the credentials (${self.api_key_env})") from None
-                raise AnswerError("llm_request_error", f"HTTP {status}: {self._redact(error_text(exc))}") from None
-            except openai.APITimeoutError:
-                self._transient()
-                raise TransientError(f"no answer within {self.timeout_s:g} s") from None
-            except openai.APIConnectionError as exc:
-                self._transient()
-                raise TransientError(f"connection failed: {self._redact(str(exc))}") from None
-            self._breaker.success()
-            usage = getattr(response, "usage", None)
-            self._count(prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-                        completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0))
-            choices = response.choices or []
-            if not choices:
-                raise AnswerError("llm_malformed", "the completion has no choices")
-            message = choices[0].message
-            if getattr(message, "refusal", None):
-                raise AnswerError("llm_refused", f"the judge refused: {str(message.refusal)[:200]}")
-            if choices[0].finish_reason == "length":
-                raise AnswerError("llm_too_long", f"the verdict was cut off at max_tokens={self.max_tokens}")
-            return message.content or ""
-
-    def _transient(self) -> None:
-        from echat.endpoints import safe_url
-
-        self._count(transient_errors=1)
-        if self._breaker.failure():
-            log.warning("judge: %d consecutive transient failures of %s; no requests for %g s (responses unscorable as circuit_open)",
-                        self._breaker.failures, safe_url(self.base_url) or "the endpoint", self.breaker_cooldown_s)
-
-    def _downgrade(self, mode: str, exc: Exception) -> None:
-        weaker = STRUCTURED_MODES[STRUCTURED_MODES.index(mode) + 1]
-        with self._lock:
-            if self._mode == mode:
-                self._mode = weaker
-                log.warning("judge: the endpoint refused response_format %s (%s); using %s from now on",
-                            mode, self._redact(str(exc))[:200], weaker)
-
-    def _redact(self, text: str) -> str:
-        from echat.endpoints import client_redact
-
-        return client_redact(self._client, text)

@@ -57,13 +57,13 @@ from typing import Any
 
 from echat.schemas import vocab
 from echat.schemas.reasoning import THINK_END, THINK_START, wrap_think
-from echat.schemas.stage import Reject, Stage, TransientError
+from echat.schemas.stage import Reject, Stage
 from echat.schemas.text import CJK_OR_WORD, count_cjk
 
 from . import llm_prompts, reasoning
-from echat.endpoints import (  # noqa: F401 - the reply stage's names for them, used by its callers too
-    NO_KEY, TRANSIENT_STATUS, AnswerError, CircuitBreaker, KeyedGate, client_redact, error_code, error_text, openai_client,
-    parse_json_object, retry_after, safe_url,
+from echat.endpoints import (
+    STRUCTURED_MODES, AnswerError, ChatEndpoint, CircuitBreaker, CircuitOpen, KeyedGate, openai_client, parse_json_object,
+    safe_url,
 )
 
 from .cache import ContentCache, cache_key
@@ -71,7 +71,6 @@ from .cache import ContentCache, cache_key
 log = logging.getLogger(__name__)
 
 CACHE_NAMESPACE = "llm-reply"
-STRUCTURED_MODES = ("json_schema", "json_object", "none")
 LANGUAGES = ("en", "zh")
 
 # Replies that speak of themselves as a machine. OSUM-EChat's loader (wenet/dataset/process/
@@ -178,11 +177,7 @@ def validate_answer(
     return answer
 
 
-class _CircuitOpen(Exception):
-    pass
-
-
-class OpenAIReply(Stage):
+class OpenAIReply(ChatEndpoint, Stage):
     """Replies, both reasoning forms and the reply emotion from an OpenAI-compatible endpoint.
 
     Args:
@@ -365,7 +360,7 @@ class OpenAIReply(Stage):
                 except AnswerError as exc:
                     yield self.reject(record, exc.reason, str(exc))
                     return
-                except _CircuitOpen as exc:
+                except CircuitOpen as exc:
                     self._count(circuit_open=1)
                     yield self.reject(record, "circuit_open", str(exc))
                     return
@@ -414,7 +409,7 @@ class OpenAIReply(Stage):
         conversation = list(messages)
         error: AnswerError | None = None
         for attempt in range(1, self.answer_attempts + 1):
-            response = self._request(conversation)
+            response = self._complete(conversation)
             choices = getattr(response, "choices", None) or []
             content = (choices[0].message.content or "") if choices else ""
             try:
@@ -457,78 +452,10 @@ class OpenAIReply(Stage):
             return {"type": "json_object"}
         return None
 
-    def _request(self, conversation: list[dict[str, str]]) -> Any:
-        """One completion. TransientError for what may pass; AnswerError for a permanent refusal."""
-        import openai
-        from openai.types.chat import ChatCompletion
-
-        assert self._client is not None and self._breaker is not None
-        while True:
-            if not self._breaker.allow():
-                raise _CircuitOpen(f"the circuit is open after repeated transient failures of {safe_url(self.base_url) or 'the endpoint'}; "
-                                   f"no request sent (cool-down {self.breaker_cooldown_s:g} s)")
-            mode = self._mode
-            sampling = self.sampling()
-            body: dict[str, Any] = {"model": self.model, "messages": conversation,
-                                    **{k: v for k, v in sampling.items() if k != "extra_body"}, **sampling.get("extra_body", {})}
-            response_format = self._response_format(mode)
-            if response_format is not None:
-                body["response_format"] = response_format
-            self._count(requests=1)
-            try:
-                # The client's own request path (auth, timeout, errors) with a plain JSON body: the
-                # typed `chat.completions.create` spends as much CPU walking its TypedDicts over
-                # the messages as the rest of a request, which caps the requests one process keeps
-                # in flight. The answer is parsed into the same ChatCompletion.
-                response = self._client.post("/chat/completions", body=body, cast_to=ChatCompletion)
-            except openai.APIStatusError as exc:
-                status = exc.status_code
-                if status in TRANSIENT_STATUS or status >= 500:
-                    if status == 429 and error_code(exc) == "insufficient_quota":
-                        self._breaker.success()
-                        raise AnswerError("llm_quota", "HTTP 429 insufficient_quota: the account has no credit left") from None
-                    self._transient()
-                    raise TransientError(f"HTTP {status}: {self._redact(error_text(exc))}", retry_after=retry_after(exc.response)) from None
-                self._breaker.success()
-                if status == 400 and mode != "none" and re.search(r"response_format|json_schema|json_object|structured", str(exc), re.I):
-                    self._downgrade(mode, exc)
-                    continue
-                if status in (401, 403):
-                    raise AnswerError("llm_auth_error", f"HTTP {status}: the endpoint refused the credentials (${self.api_key_env})") from None
-                raise AnswerError("llm_request_error", f"HTTP {status}: {self._redact(error_text(exc))}") from None
-            except openai.APITimeoutError:
-                self._transient()
-                raise TransientError(f"no answer within {self.timeout_s:g} s") from None
-            except openai.APIConnectionError as exc:
-                self._transient()
-                raise TransientError(f"connection failed: {self._redact(str(exc))}") from None
-            self._breaker.success()
-            usage = getattr(response, "usage", None)
-            prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-            completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-            with self._lock:
-                self._usage.update(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-                self._cost_micro += prompt_tokens * self.price_input_per_m + completion_tokens * self.price_output_per_m
-            return response
-
-    def _transient(self) -> None:
-        assert self._breaker is not None
-        self._count(transient_errors=1)
-        if self._breaker.failure():
-            log.warning("%s: %d consecutive transient failures of %s; no requests for %g s (records rejected as circuit_open)",
-                        self.slot_name, self._breaker.failures, safe_url(self.base_url) or "the endpoint", self.breaker_cooldown_s)
-
-    def _downgrade(self, mode: str, exc: Exception) -> None:
-        weaker = STRUCTURED_MODES[STRUCTURED_MODES.index(mode) + 1]
+    def _used(self, prompt_tokens: int, completion_tokens: int) -> None:
         with self._lock:
-            if self._mode == mode:
-                self._mode = weaker
-                log.warning("%s: the endpoint refused response_format %s (%s); using %s from now on",
-                            self.slot_name, mode, self._redact(str(exc))[:200], weaker)
-
-    def _redact(self, text: str) -> str:
-        return client_redact(self._client, text)
-
+            self._usage.update(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+            self._cost_micro += prompt_tokens * self.price_input_per_m + completion_tokens * self.price_output_per_m
 
 def as_turns(history: list[dict[str, str]]) -> list[dict[str, str]]:
     """[{user, assistant}, ...] as the record's `history`: [{role, text}, ...], oldest first."""

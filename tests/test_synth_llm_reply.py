@@ -32,15 +32,8 @@ from echat.schemas.stage_runner import RetryPolicy, StageRunner, run_stages
 from echat.schemas.tasks import record_task
 from echat.synth import llm_prompts
 from echat.synth.cache import ContentCache, cache_key
-from echat.synth.llm_reply import (
-    CACHE_NAMESPACE,
-    AnswerError,
-    CircuitBreaker,
-    OpenAIReply,
-    parse_json_object,
-    retry_after,
-    validate_answer,
-)
+from echat.endpoints import AnswerError, CircuitBreaker, parse_json_object, retry_after
+from echat.synth.llm_reply import CACHE_NAMESPACE, OpenAIReply, validate_answer
 from llm_server import FakeChatServer
 
 REPO = Path(__file__).resolve().parents[1]
