@@ -7,9 +7,10 @@ manifest transcripts) as a child process: the small corpus in one pass, the larg
 and in `factor` passes (`--set output.chunks=factor`: each pass a pipeline over 1/factor of the
 inputs, so a pass is as large as the small build). The DirectRunner runs in multi-processing mode
 with one worker, so the driver (the runner, which holds what passes between fused stages in
-memory) and the worker (which runs the stages) are separate processes. Their resident memory is
-sampled every 0.1 s through psutil; the peak of each is printed, and the ratio of each large run's
-peak to the small one's against the target (within 1.2x). Shards hold --rows-per-shard rows at
+memory) and the worker (which runs the stages) are separate processes; every pass but the last
+runs in a process of its own (pipelines/passes.py), counted with the workers. Resident memory is
+sampled every 0.1 s through psutil: the peak of the driver and of the largest other process are
+printed, and the ratio of each large run's peak to the small one's against the target (within 1.2x). Shards hold --rows-per-shard rows at
 both sizes, so the comparison is between corpora, not between shard sizes.
 """
 

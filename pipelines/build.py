@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -166,6 +165,7 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     from .parts import PARTS_DIR
     from .progress import ProgressLine
     from .accuracy import merged_report
+    from .passes import PassPaths, run_pass
     from .resume import InputSelection, Resume, read_resume, run_description
     from .read_sources import ReadSources, skipped_counts
     from .source_rows import SourceContext
@@ -213,11 +213,20 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
         with line:
             for chunk in range(chunks):
                 final = chunk == chunks - 1
-                # each chunk sees the parts of the chunks before it: their inputs are done
-                state = resume if chunk == 0 else read_resume(parts_dir)
                 suffix = f"-{chunk:04d}" if chunks > 1 else ""
                 tallies_path = FileSystems.join(work_dir, f"tallies{suffix}.json")
                 accuracy_path = FileSystems.join(work_dir, f"label_accuracy{suffix}.pkl")
+                if not final and local_workers:  # in a process of its own, which takes its memory with it
+                    paths = PassPaths(data_dir=data_dir, rejects_prefix=FileSystems.join(rejects_dir, "rejects"),
+                                      tallies=tallies_path, accuracy=accuracy_path, shares=shares_path, parts_dir=parts_dir,
+                                      counters=FileSystems.join(work_dir, f"counters{suffix}.json"))
+                    counters.update(run_pass(profile, sources, list(beam_args), verbose=verbose, chunk=chunk, chunks=chunks,
+                                             paths=paths, progress_dir=progress_dir))
+                    tallies.update(_read_json(tallies_path))
+                    accuracies.append(_read_pickle(accuracy_path))
+                    continue
+                # each chunk sees the parts of the chunks before it: their inputs are done
+                state = resume if chunk == 0 else read_resume(parts_dir)
                 pipeline = beam.Pipeline(runner=_runner(options), options=options)
                 shards = build_graph(
                     pipeline, sources, [], profile,
@@ -239,9 +248,6 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
                     tallies.update(_read_json(tallies_path))  # the source's rejects are tallied in the pipeline too
                     counters.update(read_counters(result))
                     accuracies.append(_read_pickle(accuracy_path))
-                if not final:  # what the local runner held for this pass goes before the next one
-                    del pipeline, result, shards
-                    gc.collect()
     wall = time.time() - started
     if dry_run:
         return _dry_run_summary(options, result, probe, specs, out)
