@@ -16,8 +16,8 @@ is logged with its id.
 
 OSUM's own formats (raw lists, tar shards, shard lists naming one tar per line) are read through
 schemas/osum_format.py, the definition the corpus pipeline's sources share: the same sample gives
-the same record from a raw list or a tar. Lists and tars may be local paths or URLs of any
-filesystem fsspec knows (gs://, s3://, memory://...); a list is told a raw list or a shard list by
+the same record from a raw list or a tar. Parquet shards (or a build's folder of them), lists and
+tars may be local paths or URLs of any filesystem fsspec knows (gs://, s3://, memory://...); a list is told a raw list or a shard list by
 its first non-empty line; a shard list's units are its tars, relative entries resolved against the
 list's folder.
 """
@@ -131,9 +131,12 @@ def _resolve_url(url: str) -> list[tuple[str, str]]:
         return [pair for m in matches for pair in _resolve_url(m)]
     if not fs.exists(path):
         raise DataSourceError(f"no such file: {url}")
-    if url.endswith(".parquet") or fs.isdir(path):
-        raise DataSourceError(f"{url}: parquet shards are read from local paths; URLs are read for OSUM raw lists, "
-                              "tar shards and shard lists")
+    if fs.isdir(path):  # a build's folder in a bucket: its shards, as a local folder gives
+        found = [f"{protocol}://{p}" for p in sorted(fs.find(path)) if p.endswith(".parquet")
+                 and not p.rsplit("/", 1)[-1].startswith(".")]
+        if not found:
+            raise DataSourceError(f"no *.parquet shards under {url}")
+        return [(f, PARQUET) for f in found]
     return _by_kind(url)
 
 
@@ -195,7 +198,8 @@ def plan_units(files: list[tuple[str, str]], min_units: int = 1) -> list[Unit]:
     for path, kind in files:
         if kind == PARQUET:
             try:
-                groups = pq.ParquetFile(path).metadata.num_row_groups
+                with fsspec.open(path, "rb") as fh:
+                    groups = pq.ParquetFile(fh).metadata.num_row_groups
             except Exception as err:  # pyarrow raises several types for a damaged file
                 raise DataSourceError(f"{path}: cannot read parquet metadata ({err})") from err
             units.extend(Unit(path, kind, g) for g in range(groups))
@@ -230,13 +234,14 @@ def _part(items: list, unit: Unit) -> list:
 def _parquet_rows(unit: Unit) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(unit.path)
-    names = set(pf.schema_arrow.names)
-    missing = [c for c in ("id", "audio") if c not in names]
-    if missing:
-        raise DataSourceError(f"{unit.path}: shard lacks column(s) {', '.join(missing)}")
-    table = pf.read_row_group(unit.index, columns=[c for c in COLUMNS if c in names])
-    base = os.path.dirname(unit.path)
+    with fsspec.open(unit.path, "rb") as fh:  # a local path or any fsspec URL (gs://, s3://...)
+        pf = pq.ParquetFile(fh)
+        names = set(pf.schema_arrow.names)
+        missing = [c for c in ("id", "audio") if c not in names]
+        if missing:
+            raise DataSourceError(f"{unit.path}: shard lacks column(s) {', '.join(missing)}")
+        table = pf.read_row_group(unit.index, columns=[c for c in COLUMNS if c in names])
+    base = _folder_of(unit.path)
     for row in _part(table.to_pylist(), unit):
         audio = row.pop("audio", None) or {}
         row["_audio"] = _audio_ref(audio.get("bytes"), audio.get("path"), base)

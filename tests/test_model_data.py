@@ -738,3 +738,26 @@ def test_tasks_no_record_supports_are_an_error_not_an_endless_loop(tokenizer, co
     loader = _loader(tokenizer, corpus["folder"], tasks={"<STYLE>": 1.0}, min_label_score=0.99, epochs=None)
     with pytest.raises(ValueError, match="no record of its shards supports"):
         next(iter(loader))
+
+
+def test_shards_in_an_object_store_read_like_local_ones(demo_shards):
+    """A build's folder on an fsspec filesystem (memory:// here, gs:// or s3:// alike) gives the
+    same units and records as the same shards on disk."""
+    import fsspec
+
+    from echat.model.data_sources import plan_units, read_unit, resolve_files
+
+    fs = fsspec.filesystem("memory")
+    for shard in sorted((demo_shards / "data").glob("*.parquet")):
+        fs.pipe(f"/bucket/build/data/{shard.name}", shard.read_bytes())
+    local = resolve_files([str(demo_shards / "data")])
+    remote = resolve_files(["memory://bucket/build"])
+    assert [k for _, k in remote] == [k for _, k in local] and len(remote) == len(local)
+
+    def records(files):
+        return [{k: v for k, v in r.items() if k not in ("_audio",)} | {"_audio": r["_audio"] and r["_audio"].data}
+                for u in plan_units(files) for r in read_unit(u)]
+
+    got = records(remote)
+    assert len(got) >= 40 and all(r["_audio"] for r in got)  # the demo build's rows, with their audio
+    assert got == records(local)
