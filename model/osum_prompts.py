@@ -199,9 +199,23 @@ def _read_interface(folder: Path) -> OsumInterface:
 # ----------------------------------------------------------------------------- instructions
 
 
+# Label combinations outside the table that training and inference take (schemas/tasks.py composes
+# them), each with its own instructions under this profile as under the echat one.
+INSTRUCTED_COMBINATIONS = (
+    "<TRANSCRIBE> <STYLE>",
+    "<TRANSCRIBE> <GENDER>",
+    "<TRANSCRIBE> <AGE>",
+    "<TRANSCRIBE> <CAPTION>",
+    "<AGE> <GENDER>",
+)
+
+
 def instructed_tags() -> tuple[str, ...]:
-    """Our task tags that OSUM prompts with an instruction: the understanding tasks of the table."""
-    return tuple(tag for tag, spec in task_table.TASKS.items() if spec.instruction)
+    """Our task tags that OSUM prompts with an instruction: the understanding tasks of the table,
+    then the label combinations of `INSTRUCTED_COMBINATIONS`."""
+    table = tuple(tag for tag, spec in task_table.TASKS.items() if spec.instruction)
+    extra = tuple(task_table.task(tag).tag for tag in INSTRUCTED_COMBINATIONS)
+    return table + tuple(tag for tag in extra if tag not in table)
 
 
 def load_instructions(folder: str | Path | None = None) -> dict[str, tuple[str, ...]]:

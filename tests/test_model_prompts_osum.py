@@ -198,6 +198,48 @@ def test_understanding_tasks_match_their_layout(osum_tok, task):
     assert sample.speech_tokens == []
 
 
+# Label combinations outside the table that the osum profile instructs from its own files.
+COMBINATIONS = {
+    "<TRANSCRIBE> <STYLE>": TRANSCRIPT + "<DAILY CONVERSATION>",
+    "<TRANSCRIBE> <GENDER>": TRANSCRIPT + "<FEMALE>",
+    "<TRANSCRIBE> <AGE>": TRANSCRIPT + "<ADULT>",
+    "<TRANSCRIBE> <CAPTION>": TRANSCRIPT + "<LAUGH><COUGH>",  # every event heard, in the record's order
+    "<AGE> <GENDER>": "<ADULT><FEMALE>",
+}
+
+
+def _file_instructions(task: str) -> list[str]:
+    """The task's instructions as the two data files list them (Chinese, then English), read here."""
+    items: list[str] = []
+    for lang in ("zh", "en"):
+        data = yaml.safe_load((osum_prompts.osum_dir() / f"instructions_{lang}.yaml").read_text(encoding="utf-8"))
+        assert task in data, (lang, task)
+        items += [s.strip() for s in data[task]]
+    return items
+
+
+@pytest.mark.parametrize("task", list(COMBINATIONS))
+def test_label_combinations_build_with_the_files_instructions_and_match_their_layout(osum_tok, task):
+    assert task in osum_prompts.instructed_tags()  # so the coverage test checks its lists
+    candidates = _file_instructions(task)
+    layouts = {}
+    for instruction in candidates:
+        ids, labels = their_sample(osum_tok, "understand", COMBINATIONS[task], task, prompt=instruction)
+        layouts[(tuple(ids), tuple(labels))] = instruction
+    builder = SampleBuilder(osum_tok, {task: 1.0})  # the osum profile's own instruction files
+    assert builder.profile == "osum"
+    drawn = set()
+    for seed in range(6):
+        sample = builder.build_task(_record(events=["laugh", "cough"]), task, random.Random(seed))
+        got = (tuple(sample.input_ids), tuple(sample.labels))
+        assert got in layouts, (task, seed)
+        drawn.add(layouts[got])
+        assert sample.speech_tokens == [] and sample.audio is not None
+        trained = osum_tok.decode([t for t, lab in zip(sample.input_ids, sample.labels) if lab != IGNORE_INDEX])
+        assert trained == their_text_rule(COMBINATIONS[task], task) + osum_tok.eos_token
+    assert len(drawn) > 1  # drawn from the lists, not one fixed instruction
+
+
 def test_transcribe_targets_are_normalised_as_theirs(osum_tok):
     sample, _ = _build(osum_tok, "<TRANSCRIBE>", _record())
     trained = osum_tok.decode([t for t, lab in zip(sample.input_ids, sample.labels) if lab != IGNORE_INDEX])
