@@ -35,7 +35,7 @@ MEL_FRAMES_PER_SECOND = 100  # 10 ms hop: features are (n_mels, frames)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="training config: a name from model/configs/train/ (tiny, understanding, generation, empathy) or a YAML path")
+    parser.add_argument("--config", required=True, help="training config: a name from model/configs/train/ (tiny, tiny-learning, understanding, generation, empathy) or a YAML path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=1e-4 --set data.train='[shards/]' (repeatable; value read as YAML)")
     parser.add_argument("--out", help="output folder (overrides the config's output_dir)")

@@ -9,6 +9,11 @@ has work), a few are several sentences long. Most files are 16-bit WAV at espeak
 exercised. `OUT_DIR/manifest.jsonl` has one line per file: path (relative to the manifest),
 text, language, speaker, gender, emotion, events, style. The same seed gives the same corpus.
 
+A split by voice: `--voices a,b` has only those voices speak, `--hold-out-voices a,b` every voice
+but those. Every split reads the same lines, so a corpus built with `--hold-out-voices X` and one
+built with `--voices X` share sentences but not speakers (a test set of unseen voices; the
+learning recipe, model/recipe.py, uses it).
+
 The lines, voices and per-emotion prosody are data: synth/demo_lines.yaml.
 """
 
@@ -123,6 +128,33 @@ def load_spec(path: str | Path | None = None) -> DemoSpec:
     if missing:
         raise DemoDataError(f"{where}: no prosody for emotion(s) {missing}")
     return DemoSpec(voices=voices, prosody=prosody, lines=lines)
+
+
+def select_voices(spec: DemoSpec, voices: list[str] | None = None, hold_out: list[str] | None = None) -> DemoSpec:
+    """The spec with only `voices` (or every voice but `hold_out`) left to speak; the lines stay.
+
+    A name that is no voice of the spec, or a language left without a voice, is a DemoDataError
+    naming it. The voices keep their order in the spec (which alternates genders).
+    """
+    if voices is not None and hold_out is not None:
+        raise DemoDataError("give --voices or --hold-out-voices, not both")
+    names = voices if voices is not None else hold_out
+    if names is None:
+        return spec
+    known = [v.voice for vs in spec.voices.values() for v in vs]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise DemoDataError(f"unknown voice(s) {', '.join(unknown)}; the voices are {', '.join(known)}")
+    if not names:
+        raise DemoDataError("name at least one voice")
+    chosen = set(names)
+    keep = (lambda v: v.voice in chosen) if voices is not None else (lambda v: v.voice not in chosen)
+    kept = {language: [v for v in vs if keep(v)] for language, vs in spec.voices.items()}
+    empty = [language for language, vs in kept.items() if not vs]
+    if empty:
+        raise DemoDataError(f"no {' or '.join(empty)} voice left to speak (every language needs one): "
+                            f"keep one of {', '.join(v.voice for l in empty for v in spec.voices[l])}")
+    return DemoSpec(voices=kept, prosody=spec.prosody, lines=spec.lines)
 
 
 def _emotion_interleaved(lines: list[Line], rng: random.Random) -> list[Line]:
@@ -250,9 +282,12 @@ def write_audio(path: Path, audio: np.ndarray, rate: int, container: str) -> tup
 
 
 def make_demo_corpus(
-    out_dir: str | Path, n: int = DEFAULT_COUNT, seed: int = 0, overwrite: bool = False, lines_file: str | None = None
+    out_dir: str | Path, n: int = DEFAULT_COUNT, seed: int = 0, overwrite: bool = False, lines_file: str | None = None,
+    voices: list[str] | None = None, hold_out_voices: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Write `n` utterances under `out_dir/audio/` and `out_dir/manifest.jsonl`; returns a summary."""
+    """Write `n` utterances under `out_dir/audio/` and `out_dir/manifest.jsonl`; returns a summary.
+
+    voices / hold_out_voices: the voice split (`select_voices`)."""
     if n < 1:
         raise DemoDataError(f"--n must be at least 1, got {n}")
     out = Path(out_dir)
@@ -260,7 +295,7 @@ def make_demo_corpus(
     audio_dir = out / "audio"
     if manifest_path.exists() and not overwrite:
         raise DemoDataError(f"{manifest_path} already exists; pass --overwrite to replace the demo corpus there")
-    spec = load_spec(lines_file)
+    spec = select_voices(load_spec(lines_file), voices, hold_out_voices)
     plan = plan_corpus(spec, n, seed)
     audio_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:  # remove only what an earlier run of this command wrote
@@ -296,6 +331,7 @@ def make_demo_corpus(
         "languages": dict(Counter(r["language"] for r in rows)),
         "genders": dict(Counter(r["gender"] for r in rows)),
         "emotions": dict(Counter(r["emotion"] for r in rows)),
+        "speakers": dict(Counter(r["speaker"] for r in rows)),
         "coughs": sum(1 for u in plan if u.cough),
         "gaps": sum(1 for u in plan if "gap_s" in u.extra),
         "containers": dict(Counter(u.container for u in plan)),
@@ -307,11 +343,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=DEFAULT_COUNT, help=f"number of utterances (default {DEFAULT_COUNT})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the choices; the same seed gives the same corpus")
     parser.add_argument("--overwrite", action="store_true", help="replace a demo corpus already in OUT_DIR")
+    split = parser.add_mutually_exclusive_group()
+    split.add_argument("--voices", type=_voice_list, metavar="V1,V2",
+                       help="only these voices speak (comma-separated espeak-ng names of synth/demo_lines.yaml)")
+    split.add_argument("--hold-out-voices", type=_voice_list, metavar="V1,V2",
+                       help="every voice but these speaks (the same lines: a split by voice)")
+
+
+def _voice_list(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one voice")
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        summary = make_demo_corpus(args.out_dir, n=args.n, seed=args.seed, overwrite=getattr(args, "overwrite", False))
+        summary = make_demo_corpus(args.out_dir, n=args.n, seed=args.seed, overwrite=getattr(args, "overwrite", False),
+                                   voices=getattr(args, "voices", None), hold_out_voices=getattr(args, "hold_out_voices", None))
     except DemoDataError as exc:
         print(f"echat demo-data: {exc}", file=sys.stderr)
         return 2
@@ -327,5 +376,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"  languages: {counts(summary['languages'])}")
     print(f"  genders:   {counts(summary['genders'])}")
     print(f"  emotions:  {counts(summary['emotions'])}")
+    print(f"  speakers:  {counts(summary['speakers'])}")
     print(f"  coughs {summary['coughs']}, silent gaps {summary['gaps']}; files: {counts(summary['containers'])}")
     return 0
