@@ -212,10 +212,26 @@ class ChatEndpoint:
     not (AnswerError), a structured-output mode the endpoint refuses stepped down once for all
     threads, and token usage counted.
 
-    A stage using it sets `_client`, `_breaker`, `_lock`, `_mode`, `model`, `base_url`,
-    `api_key_env`, `timeout_s`, `breaker_cooldown_s`, and has `sampling()`, `_response_format(mode)`
-    and `_count(**amounts)`. `_endpoint_label()` names it in log lines.
+    A stage using it sets `_client`, `_breaker`, `_lock`, `_usage` (a Counter), `_mode`, `model`,
+    `base_url`, `api_key_env`, `timeout_s`, `breaker_cooldown_s`, and has `sampling()` and
+    `_response_format(mode)`. `_endpoint_label()` names it in log lines.
     """
+
+    def teardown(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def describe(self) -> str:
+        return f"openai-compatible:{self.model}"
+
+    def usage(self) -> dict[str, int]:
+        with self._lock:
+            return {k: int(v) for k, v in sorted(self._usage.items())}
+
+    def _count(self, **amounts: int) -> None:
+        with self._lock:
+            self._usage.update(amounts)
 
     def _endpoint_label(self) -> str:
         return getattr(self, "slot_name", type(self).__name__)

@@ -261,22 +261,6 @@ class LLMJudge(ChatEndpoint, Stage):
         self._breaker = CircuitBreaker(self.breaker_failures or max(8, 2 * self.max_in_flight), self.breaker_cooldown_s)
         self._gate = KeyedGate()
 
-    def teardown(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-    def describe(self) -> str:
-        return f"openai-compatible:{self.model}"
-
-    def usage(self) -> dict[str, int]:
-        with self._lock:
-            return {k: int(v) for k, v in sorted(self._usage.items())}
-
-    def _count(self, **amounts: int) -> None:
-        with self._lock:
-            self._usage.update(amounts)
-
     # ------------------------------------------------------------------ one response
 
     def messages(self, item: dict[str, Any]) -> list[dict[str, str]]:

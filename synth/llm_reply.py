@@ -305,23 +305,11 @@ class OpenAIReply(ChatEndpoint, Stage):
         self._cache = ContentCache(self.cache_dir, CACHE_NAMESPACE) if self.cache_dir else None
         self._breaker = CircuitBreaker(self.breaker_failures or max(8, 2 * self.max_in_flight), self.breaker_cooldown_s)
 
-    def teardown(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-    def describe(self) -> str:
-        return f"openai-compatible:{self.model}"
-
     def usage(self) -> dict[str, int]:
         with self._lock:
             totals = {k: int(v) for k, v in self._usage.items()}
             totals["cost_micro_usd"] = int(round(self._cost_micro))
         return totals
-
-    def _count(self, **amounts: int) -> None:
-        with self._lock:
-            self._usage.update(amounts)
 
     # ------------------------------------------------------------------ one record
 
