@@ -205,6 +205,15 @@ class CircuitOpen(Exception):
     """No request sent: the circuit breaker is open after repeated transient failures."""
 
 
+def set_up_once(stage: Any) -> None:
+    """Run `stage.setup()` the first time a worker thread needs its client (a stage is shared by the
+    threads of a worker process, and one that was pickled arrives without one)."""
+    if stage._client is None:
+        with stage._lock:
+            if stage._client is None:
+                stage.setup()
+
+
 class ChatEndpoint:
     """The request path every chat-completions stage shares (the reply stage, the style labeler,
     the judge): one POST through the client's own request machinery, the circuit breaker, HTTP
@@ -232,6 +241,17 @@ class ChatEndpoint:
     def _count(self, **amounts: int) -> None:
         with self._lock:
             self._usage.update(amounts)
+
+    def _store(self, key: str, entry: dict[str, Any], what: str) -> None:
+        """Cache a good answer; a failed write is counted and logged, never fatal (only a rerun
+        would pay for that answer again)."""
+        if self._cache is None:
+            return
+        try:
+            self._cache.put_json(key, entry)
+        except Exception as exc:  # noqa: BLE001 - any storage error: the answer in hand stays good
+            self._count(cache_write_errors=1)
+            log.warning("could not cache %s %s: %s", what, key[:12], exc)
 
     def _endpoint_label(self) -> str:
         return getattr(self, "slot_name", type(self).__name__)

@@ -46,6 +46,7 @@ from echat.schemas.stage import HEURISTIC, MODEL, Reject, Stage
 from echat.schemas.vocab import STYLES
 from echat.endpoints import (
     STRUCTURED_MODES, AnswerError, ChatEndpoint, CircuitBreaker, CircuitOpen, openai_client, parse_json_object, safe_url,
+    set_up_once,
 )
 
 from .flags import add_flag
@@ -271,10 +272,7 @@ class OpenAIStyle(ChatEndpoint, Stage):
     # ------------------------------------------------------------------ one record
 
     def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    self.setup()
+        set_up_once(self)
         out = dict(record)
         transcript = (record.get("transcript") or "").strip()
         if not transcript:
@@ -299,13 +297,8 @@ class OpenAIStyle(ChatEndpoint, Stage):
                 add_flag(out, UNKNOWN_FLAG)
                 yield out
                 return
-            if self._cache is not None:
-                try:
-                    self._cache.put_json(key, {"style": answer[0], "confidence": answer[1], "model": self.model,
-                                               "prompt_version": PROMPT_VERSION})
-                except Exception as exc:  # noqa: BLE001 - the answer is good; only a rerun would pay again
-                    self._count(cache_write_errors=1)
-                    log.warning("could not cache style answer %s: %s", key[:12], exc)
+            self._store(key, {"style": answer[0], "confidence": answer[1], "model": self.model,
+                              "prompt_version": PROMPT_VERSION}, "style answer")
         out["style"], out["style_score"] = answer
         yield out
 

@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
-from echat.endpoints import STRUCTURED_MODES, ChatEndpoint, CircuitOpen
+from echat.endpoints import STRUCTURED_MODES, ChatEndpoint, CircuitOpen, set_up_once
 from echat.schemas.stage import Reject, Stage
 
 log = logging.getLogger(__name__)
@@ -298,10 +298,7 @@ class LLMJudge(ChatEndpoint, Stage):
     def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
         from echat.endpoints import AnswerError
 
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    self.setup()
+        set_up_once(self)
         messages = self.messages(record)
         key = self.request_key(messages)
         with self._gate.hold(key):  # the same case twice: the second finds the first's verdict
@@ -316,12 +313,7 @@ class LLMJudge(ChatEndpoint, Stage):
                     self._count(circuit_open=1)
                     yield self.reject(record, "circuit_open", str(exc))
                     return
-                if self._cache is not None:
-                    try:
-                        self._cache.put_json(key, {"verdict": verdict, "model": self.model, "prompt_version": self.prompt.version})
-                    except Exception as exc:  # noqa: BLE001 - the verdict is good; only a rerun would pay again
-                        self._count(cache_write_errors=1)
-                        log.warning("could not cache verdict %s: %s", key[:12], exc)
+                self._store(key, {"verdict": verdict, "model": self.model, "prompt_version": self.prompt.version}, "verdict")
         yield {**record, "judge_scores": verdict, "judge_model": self.describe(), "judge_prompt_version": self.prompt.version}
 
     def _cached(self, key: str) -> dict[str, Any] | None:

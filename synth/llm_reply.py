@@ -63,7 +63,7 @@ from echat.schemas.text import CJK_OR_WORD, count_cjk
 from . import llm_prompts, reasoning
 from echat.endpoints import (
     STRUCTURED_MODES, AnswerError, ChatEndpoint, CircuitBreaker, CircuitOpen, KeyedGate, openai_client, parse_json_object,
-    safe_url,
+    safe_url, set_up_once,
 )
 
 from .cache import ContentCache, cache_key
@@ -323,10 +323,7 @@ class OpenAIReply(ChatEndpoint, Stage):
                          sampling=self.sampling(), structured_output=self.structured_output, turns=self.turns)
 
     def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    self.setup()
+        set_up_once(self)
         transcript = (record.get("transcript") or "").strip()
         if not transcript:
             yield self.reject(record, "no_transcript", "the record has no transcript to reply to")
@@ -352,12 +349,7 @@ class OpenAIReply(ChatEndpoint, Stage):
                     self._count(circuit_open=1)
                     yield self.reject(record, "circuit_open", str(exc))
                     return
-                if self._cache is not None:
-                    try:
-                        self._cache.put_json(key, {"answer": answer, "model": self.model, "prompt_version": prompts.version})
-                    except Exception as exc:  # noqa: BLE001 - the answer is good; only a rerun would pay again
-                        self._count(cache_write_errors=1)
-                        log.warning("could not cache answer %s: %s", key[:12], exc)
+                self._store(key, {"answer": answer, "model": self.model, "prompt_version": prompts.version}, "answer")
         cues = reasoning.Cues.from_record(record_in)
         out = {
             **record,

@@ -44,7 +44,7 @@ from echat.schemas.record import SAMPLE_RATE
 from echat.schemas.stage import Reject, Stage, TransientError
 
 from .cache import ContentCache, cache_key
-from echat.endpoints import TRANSIENT_STATUS, KeyedGate, error_text, openai_client, redact, retry_after, safe_url
+from echat.endpoints import TRANSIENT_STATUS, KeyedGate, error_text, openai_client, redact, retry_after, safe_url, set_up_once
 from .speech_styles import SpeechStyles, load_speech_styles
 
 log = logging.getLogger(__name__)
@@ -204,10 +204,7 @@ class OpenAISpeechTTS(Stage):
     def speak(self, text: str, *, voice: str | None = None, instructions: str | None = None) -> np.ndarray:
         """The 16 kHz waveform of `text`: from the cache, or asked for (re-asked when the answer is
         not usable audio). Raises TransientError, RequestRefused or BadAudio."""
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    self.setup()
+        set_up_once(self)
         voice = voice or self.voice_for()
         key = self.request_key(text, voice, instructions)
         with self._gate.hold(key):

@@ -35,7 +35,9 @@ from echat.schemas import vocab
 from echat.schemas.stage import Reject, Stage, TransientError
 
 from .cache import ContentCache, cache_key
-from echat.endpoints import TRANSIENT_STATUS, AnswerError, error_text, openai_client, parse_json_object, retry_after, safe_url
+from echat.endpoints import (
+    TRANSIENT_STATUS, AnswerError, error_text, openai_client, parse_json_object, retry_after, safe_url, set_up_once,
+)
 from .llm_reply import language_problem, length_units
 
 log = logging.getLogger(__name__)
@@ -223,10 +225,7 @@ class QueryTextLLM(Stage):
         return {k: v for k, v in {"temperature": self.temperature, "max_tokens": self.max_tokens}.items() if v is not None}
 
     def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any] | Reject]:
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    self.setup()
+        set_up_once(self)
         query = record[QUERY_KEY]
         language, limit = query["language"], self.max_units[query["language"]]
         messages = query_messages(self.prompt, query, limit)
