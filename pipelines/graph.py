@@ -227,20 +227,28 @@ def build_graph(
     # skip_if_empty: no rejects, no file (S3 cannot hold Beam's empty file, apache/beam#21369)
     reject_lines | "WriteRejects" >> beam.io.WriteToText(rejects_prefix, file_name_suffix=".jsonl",
                                                          shard_name_template="-SSSSS-of-NNNNN", skip_if_empty=True)
+    # (part, id, source_uri, share, bytes) of every saved row: read once, for the shard plan and the shares
+    row_index = row_parts | "IndexParts" >> beam.FlatMap(lambda p: [(p, *entry) for entry in read_row_index(p)])
     if shares_path:
-        _write_shares(row_parts, reject_lines, shares_path)
-    return row_parts | "Shards" >> ShardsFromParts(data_dir, resume.spill_dir, profile.output.rows_per_shard, profile.output.max_shard_bytes)
+        _write_shares(row_index, reject_lines, shares_path)
+    return (row_parts, row_index) | "Shards" >> ShardsFromParts(data_dir, resume.spill_dir, profile.output.rows_per_shard,
+                                                                profile.output.max_shard_bytes)
 
 
-def _write_shares(row_parts, reject_lines, path: str) -> None:
+def _source_and_share(reject_line: str) -> tuple[str, str | None]:
+    reject = json.loads(reject_line)
+    return reject["source_uri"], reject.get("share")
+
+
+def _write_shares(row_index, reject_lines, path: str) -> None:
     """source_uri -> the share of it that the final rows and rejects stand for (schemas/shares.py)."""
     row_shares = (
-        row_parts
-        | "RowShares" >> beam.FlatMap(lambda p: [(row_id, (uri, share)) for row_id, uri, share, _ in read_row_index(p)])
+        row_index
+        | "RowShares" >> beam.MapTuple(lambda part, row_id, uri, share, nbytes: (row_id, (uri, share)))
         | "EachRowOnce" >> beam.CombinePerKey(lambda copies: next(iter(copies)))  # copies of one id are alike
         | "ShareOfRow" >> beam.Values()
     )
-    reject_shares = reject_lines | "ShareOfReject" >> beam.Map(lambda line: (json.loads(line)["source_uri"], json.loads(line).get("share")))
+    reject_shares = reject_lines | "ShareOfReject" >> beam.Map(_source_and_share)
     (
         (row_shares, reject_shares)
         | "AllShares" >> beam.Flatten()

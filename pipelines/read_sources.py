@@ -182,8 +182,8 @@ class _NotDone:
     """Filter: False for an input an earlier run finished, or of another chunk (counted as resumed)."""
 
     def __init__(self, done, uri_of):
-        # a set of source_uris, or any container saying which to skip (pipelines/resume.py InputSelection)
-        self.done, self.uri_of = done if hasattr(done, "chunks") else frozenset(done), uri_of
+        # any container of the source_uris to skip: a set, or pipelines/resume.py's InputSelection
+        self.done, self.uri_of = done, uri_of
         self.resumed = Metrics.counter(METRICS_NAMESPACE, RESUMED)
 
     def __call__(self, element) -> bool:

@@ -125,7 +125,8 @@ def write_shard_from_spills(item: tuple[int, list[str]], data_dir: str, num_shar
 
 
 class ShardsFromParts(beam.PTransform):
-    """paths of row parts (pipelines/parts.py) -> one dict per written shard (path, rows, bytes).
+    """(paths of row parts (pipelines/parts.py), their index of (part, id, source_uri, share, bytes)
+    per row) -> one dict per written shard (path, rows, bytes).
 
     A shard holds consecutive ids, and the rows of one shard are spread over many parts: each part
     is cut into per-shard spill files in `spill_dir`, and each shard is written from its spills."""
@@ -135,12 +136,11 @@ class ShardsFromParts(beam.PTransform):
         self.data_dir, self.spill_dir = data_dir, spill_dir
         self.rows_per_shard, self.max_shard_bytes = rows_per_shard, max_shard_bytes
 
-    def expand(self, part_paths):
-        from .parts import read_row_index
-
+    def expand(self, parts_and_index):
+        part_paths, row_index = parts_and_index
         plan = (
-            part_paths
-            | "Index" >> beam.FlatMap(lambda p: [(row_id, p, nbytes) for row_id, _, _, nbytes in read_row_index(p)])
+            row_index
+            | "SizeOfRow" >> beam.MapTuple(lambda part, row_id, uri, share, nbytes: (row_id, part, nbytes))
             | "WholeIndex" >> beam.combiners.ToList()
             | "Plan" >> beam.Map(plan_from_index, self.rows_per_shard, self.max_shard_bytes)
         )
