@@ -51,10 +51,17 @@ def slow_profile_file(local_profile, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def small_manifest(demo_corpus, tmp_path_factory) -> Path:
-    manifest = tmp_path_factory.mktemp("manifest") / "manifest.jsonl"
-    lines = (demo_corpus / "manifest.jsonl").read_text().splitlines()[:N_INPUTS]
-    manifest.write_text("".join(json.dumps({**json.loads(l), "path": str(demo_corpus / json.loads(l)["path"])}) + "\n"
-                                for l in lines))
+    """N_INPUTS demo files copied beside their manifest, so their source_uris (relative to it) and
+    the chunks those fall in are the same in every run."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("manifest")
+    rows = [json.loads(line) for line in (demo_corpus / "manifest.jsonl").read_text().splitlines()[:N_INPUTS]]
+    for row in rows:
+        (folder / row["path"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(demo_corpus / row["path"], folder / row["path"])
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return manifest
 
 
