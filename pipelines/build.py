@@ -186,8 +186,7 @@ def build(profile, input_path: str, output: str, *, beam_args: list[str] = (), o
     parts_dir = FileSystems.join(work_dir, PARTS_DIR)
     resume = Resume(parts_dir) if dry_run else _prepare_output(
         out, [data_dir, rejects_dir, work_dir], overwrite, run_description(profile, input_path))
-    if resume == "complete":
-        logging.getLogger("echat.build").warning("%s already holds a finished build of this profile and input", out)
+    if resume == "complete":  # the command line says so; a caller reads `already_complete`
         return {**_read_json(FileSystems.join(out, "summary.json")), "already_complete": True}
     # Where each source was read from (the one place its full path is kept: shards carry it
     # relative) is written by the pipeline, as it lists.
@@ -400,8 +399,9 @@ def _prepare_output(out: str, dirs: list[str], overwrite: bool, described: dict[
     if existing and not overwrite:
         if not FileSystems.exists(run_file):
             raise FileExistsError(f"{out} already holds a build ({', '.join(existing)}); pass --overwrite to replace it")
-        check_compatible(_read_json(run_file), described, out)
-        if FileSystems.exists(summary_file):
+        finished = FileSystems.exists(summary_file)
+        check_compatible(_read_json(run_file), described, out, finished=finished)
+        if finished:
             return "complete"
         # Resume: the parts stay; shards, rejects and the run's other work files are made again.
         for path in (data_dir, rejects_dir):

@@ -79,12 +79,14 @@ def differences(old: Any, new: Any, where: str = "") -> list[str]:
     return [] if old == new else [f"{where}: {json.dumps(old, ensure_ascii=False)} -> {json.dumps(new, ensure_ascii=False)}"]
 
 
-def check_compatible(saved: dict[str, Any], current: dict[str, Any], out: str) -> None:
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], out: str, *, finished: bool = False) -> None:
     found = differences(saved, current)
     if found:
         shown = "; ".join(found[:5]) + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
-        raise IncompatibleRun(f"{out} holds an unfinished build of another profile or input ({shown}); "
-                              f"rerun with the same ones to resume it, or pass --overwrite to start over")
+        what = "a finished" if finished else "an unfinished"
+        then = "pass --overwrite to replace it" if finished else \
+            "rerun with the same ones to resume it, or pass --overwrite to start over"
+        raise IncompatibleRun(f"{out} holds {what} build of another profile or input ({shown}); {then}")
 
 
 @dataclass

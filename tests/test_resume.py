@@ -157,6 +157,11 @@ def test_a_finished_output_is_left_as_it_is(slow_profile_file, small_manifest, u
     assert summary["already_complete"] and summary["outputs"] == whole["outputs"]
     assert {p.name: p.stat().st_mtime_ns for p in (whole_out / "data").iterdir()} == before
 
+    from echat.pipelines.resume import IncompatibleRun
+
+    with pytest.raises(IncompatibleRun, match=r"holds a finished build .*threshold: 0\.\d+ -> 0\.42.*--overwrite to replace it"):
+        _build(slow_profile_file, small_manifest, whole_out, "vad.params.threshold=0.42")
+
 
 def test_a_build_in_chunks_writes_the_rows_of_a_build_in_one_pass(slow_profile_file, small_manifest, uninterrupted, tmp_path):
     """`output.chunks=3`: three pipelines, each over a third of the inputs (by a hash of their
